@@ -1,0 +1,156 @@
+"""``python -m data_tools`` — tokenizer training, shard making, inspection and verification."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+
+from .errors import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer on text/jsonl files")
+    t.add_argument(
+        "--input", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl (optionally .gz) or dirs"
+    )
+    t.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/tokenizer.model + tokenizer_meta.json"
+    )
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument(
+        "--special-tokens", nargs="*", default=[], metavar="TOK", help="extra user-defined symbols"
+    )
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--max-sentences", type=int, default=5_000_000, help="sample at most this many lines")
+    t.add_argument("--jsonl-field", default="text")
+    t.add_argument(
+        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+    )
+    t.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--verbose", action="store_true", help="show sentencepiece's log")
+
+    m = sub.add_parser("make-shards", help="tokenize, pack and write webdataset shards + manifest.json")
+    m.add_argument(
+        "--tokenizer", required=True, help="sentencepiece .model, train-tokenizer dir or HF tokenizer dir"
+    )
+    m.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    m.add_argument("--out", required=True, metavar="DIR")
+    m.add_argument("--seq-len", type=int, required=True)
+    m.add_argument("--shard-samples", type=int, default=1024, help="samples per shard (default 1024)")
+    val = m.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out")
+    val.add_argument("--val-docs", type=int, default=None, help="number of documents held out")
+    m.add_argument("--jsonl-field", default="text")
+    m.add_argument(
+        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+    )
+    m.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    m.add_argument("--seed", type=int, default=0, help="picks the validation documents")
+    m.add_argument(
+        "--max-unk-fraction", type=float, default=0.01, help="per input file; above it is an error"
+    )
+    m.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+    i = sub.add_parser("inspect", help="statistics and a few decoded samples")
+    i.add_argument("dir")
+    i.add_argument("--samples", type=int, default=2)
+    i.add_argument("--tokenizer", default=None, help="override the tokenizer path recorded in the manifest")
+
+    v = sub.add_parser("verify", help="check every shard against the manifest (exit 1 on any problem)")
+    v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=None)
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    for sp in (t, m, i, v):
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _unescape(sep: str | None) -> str | None:
+    return None if sep is None else codecs.decode(sep, "unicode_escape")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import shards, tokenizer
+    from .corpus import expand_inputs, iter_corpus
+
+    progress = not args.no_progress
+    if args.command == "train-tokenizer":
+        files = expand_inputs(args.input)
+        docs = (
+            d for _, d in iter_corpus(files, jsonl_field=args.jsonl_field, doc_sep=_unescape(args.doc_sep))
+        )
+        tok = tokenizer.train_tokenizer(
+            docs,
+            args.out,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            byte_fallback=args.byte_fallback,
+            special_tokens=args.special_tokens,
+            character_coverage=args.character_coverage,
+            max_sentences=args.max_sentences,
+            seed=args.seed,
+            num_threads=args.workers,
+            inputs=files,
+            verbose=args.verbose,
+        )
+        print(f"wrote {args.out}/tokenizer.model: vocab {tok.vocab_size}, identity {tok.identity}")
+    elif args.command == "make-shards":
+        m = shards.make_shards(
+            args.tokenizer,
+            args.input,
+            args.out,
+            seq_len=args.seq_len,
+            shard_samples=args.shard_samples,
+            val_fraction=args.val_fraction,
+            val_docs=args.val_docs,
+            jsonl_field=args.jsonl_field,
+            doc_sep=_unescape(args.doc_sep),
+            workers=args.workers,
+            seed=args.seed,
+            max_unk_fraction=args.max_unk_fraction,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        for split, info in m["splits"].items():
+            print(
+                f"{split}: {info['documents']} docs -> {info['num_samples']} samples x {m['seq_len']} tokens "
+                f"in "
+                f"{len(info['shards'])} shards; {info['dropped_tokens']} tokens dropped (last partial sample)"
+            )
+        print(f"wrote {args.out}/manifest.json ({m['dtype']}, tokenizer {m['tokenizer']['identity']})")
+    elif args.command == "inspect":
+        print(shards.inspect_shards(args.dir, samples=args.samples, tokenizer=args.tokenizer))
+    elif args.command == "verify":
+        report = shards.verify_shards(args.dir, workers=args.workers, progress=progress)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            for msg in report["problems"]:
+                print(f"FAIL {msg}")
+            print(
+                f"{'OK' if report['ok'] else 'FAILED'}: {report['checked']} shards checked, "
+                f"{len(report['problems'])} problem(s)"
+            )
+        return 0 if report["ok"] else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

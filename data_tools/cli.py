@@ -68,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("dir")
     v.add_argument("--workers", type=int, default=None)
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-    for sp in (t, m, i, v):
+    a = sub.add_parser("synth-arithmetic", help="write a generated arithmetic word-problem corpus (jsonl)")
+    a.add_argument("--out", required=True, metavar="FILE.jsonl")
+    a.add_argument("--docs", type=int, default=1000)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--worked-fraction", type=float, default=0.5, help="share of problems with worked steps")
+    a.add_argument("--max-steps", type=int, default=3, help="operations per problem, at most")
+    for sp in (t, m, i, v, a):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -126,6 +132,17 @@ def run(args: argparse.Namespace) -> int:
                 f"{len(info['shards'])} shards; {info['dropped_tokens']} tokens dropped (last partial sample)"
             )
         print(f"wrote {args.out}/manifest.json ({m['dtype']}, tokenizer {m['tokenizer']['identity']})")
+    elif args.command == "synth-arithmetic":
+        from .synthetic import write_arithmetic_corpus
+
+        out = write_arithmetic_corpus(
+            args.out,
+            docs=args.docs,
+            seed=args.seed,
+            worked_fraction=args.worked_fraction,
+            max_steps=args.max_steps,
+        )
+        print(f"wrote {out} ({args.docs} documents) and {out.with_suffix('.problems.jsonl')}")
     elif args.command == "inspect":
         print(shards.inspect_shards(args.dir, samples=args.samples, tokenizer=args.tokenizer))
     elif args.command == "verify":

@@ -16,8 +16,14 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> No
         p.add_argument("config", help="run config YAML (see configs/)")
     else:
         p.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values parsed as YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values parsed as YAML)",
+    )
 
 
 def _fmt_count(n: float) -> str:
@@ -44,17 +50,27 @@ def cmd_config(args) -> int:
     print("# resolved config\n" + cfg.to_yaml())
     print("# DeepSpeed config (generated)\n" + json.dumps(ds, indent=2))
     print("\n# run size")
-    print(f"world size {world} × micro batch {cfg.train.micro_batch_size} × grad accumulation {accum} "
-          f"= global batch {cfg.train.global_batch_size} sequences of {cfg.data.seq_len} tokens")
-    print(f"tokens per step {cfg.tokens_per_step():,}; steps {cfg.train.max_steps:,}; "
-          f"training tokens {cfg.total_tokens():,} ({cfg.total_tokens() / 1e9:.1f}B)")
-    print(f"parameters: frozen decoder {_fmt_count(counts.decoder)}, trainable coprocessor "
-          f"{_fmt_count(counts.coprocessor)} (incl. {counts.soft_tokens:,} soft-token values; its unused input "
-          f"embeddings, {_fmt_count(counts.embedding)}, are dropped)")
-    print(f"FLOPs per sequence {flops['total']:.3e} = {flops['ratio_to_plain_lm']:.2f}× a plain LM training step "
-          "on the same tokens (analytic model, dist_cacheaug/estimate.py)")
-    print(f"\n# memory per GPU (estimate, {'bf16' if bf16 else 'fp32'}, ZeRO stage {cfg.zero.stage}, "
-          f"activation checkpointing {'on' if cfg.zero.activation_checkpointing else 'off'})")
+    print(
+        f"world size {world} × micro batch {cfg.train.micro_batch_size} × grad accumulation {accum} "
+        f"= global batch {cfg.train.global_batch_size} sequences of {cfg.data.seq_len} tokens"
+    )
+    print(
+        f"tokens per step {cfg.tokens_per_step():,}; steps {cfg.train.max_steps:,}; "
+        f"training tokens {cfg.total_tokens():,} ({cfg.total_tokens() / 1e9:.1f}B)"
+    )
+    print(
+        f"parameters: frozen decoder {_fmt_count(counts.decoder)}, trainable coprocessor "
+        f"{_fmt_count(counts.coprocessor)} (incl. {counts.soft_tokens:,} soft-token values; its unused input "
+        f"embeddings, {_fmt_count(counts.embedding)}, are dropped)"
+    )
+    print(
+        f"FLOPs per sequence {flops['total']:.3e} = {flops['ratio_to_plain_lm']:.2f}× a plain LM training step "
+        "on the same tokens (analytic model, dist_cacheaug/estimate.py)"
+    )
+    print(
+        f"\n# memory per GPU (estimate, {'bf16' if bf16 else 'fp32'}, ZeRO stage {cfg.zero.stage}, "
+        f"activation checkpointing {'on' if cfg.zero.activation_checkpointing else 'off'})"
+    )
     for k, v in mem.items():
         print(f"  {k:20s} {v / 2**30:8.2f} GiB")
     return 0
@@ -86,14 +102,25 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation at scale.")
+    parser = argparse.ArgumentParser(
+        prog="cacheaug", description="Differentiable cache augmentation at scale."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="dry run: resolved config, DeepSpeed JSON, parameter counts, memory estimate")
+    p = sub.add_parser(
+        "config", help="dry run: resolved config, DeepSpeed JSON, parameter counts, memory estimate"
+    )
     _add_config_args(p, positional=True)
-    p.add_argument("--world-size", type=int, default=None, help="GPUs/ranks to size the run for (default $WORLD_SIZE or 1)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="GPUs/ranks to size the run for (default $WORLD_SIZE or 1)",
+    )
     p.add_argument("--fp32", action="store_true", help="estimate for fp32 instead of bf16")
-    p.add_argument("--json", action="store_true", help="print the resolved config and DeepSpeed JSON as JSON only")
+    p.add_argument(
+        "--json", action="store_true", help="print the resolved config and DeepSpeed JSON as JSON only"
+    )
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("fields", help="list every config field with its type, default and meaning")

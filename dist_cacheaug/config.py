@@ -343,7 +343,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node[part] = value
         else:
             if not (dataclasses.is_dataclass(tp) or tp is dict):
-                raise ConfigError(f"config key '{prefix}{part}' is a value, not a section: cannot set '{dotted}'")
+                raise ConfigError(
+                    f"config key '{prefix}{part}' is a value, not a section: cannot set '{dotted}'"
+                )
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
@@ -365,7 +367,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Load a YAML file (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
     tree: dict = {}
     if path is not None:
@@ -415,9 +419,13 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key, value in {"train.eval_interval": t.eval_interval, "optim.warmup_steps": o.warmup_steps,
-                       "data.num_workers": cfg.data.num_workers, "optim.grad_clip": o.grad_clip,
-                       "optim.weight_decay": o.weight_decay}.items():
+    for key, value in {
+        "train.eval_interval": t.eval_interval,
+        "optim.warmup_steps": o.warmup_steps,
+        "data.num_workers": cfg.data.num_workers,
+        "optim.grad_clip": o.grad_clip,
+        "optim.weight_decay": o.weight_decay,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not o.lr > 0:
@@ -445,7 +453,9 @@ def validate(cfg: RunConfig) -> None:
     if m.decoder_path is None and not m.decoder_config:
         raise ConfigError("model: set model.decoder_path (a local HF model dir) or model.decoder_config")
     if m.decoder_config and "model_type" not in m.decoder_config:
-        raise ConfigError("model.decoder_config must name its architecture with 'model_type' (e.g. gemma2, llama)")
+        raise ConfigError(
+            "model.decoder_config must name its architecture with 'model_type' (e.g. gemma2, llama)"
+        )
     if cfg.zero.offload_params and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params needs zero.stage=3")
     bad = [k for k in cfg.logging.offsets if k < 1]

@@ -34,7 +34,9 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
     embedding = model.get_input_embeddings().weight.numel()
     base = sum(p.numel() for p in model.base_model.parameters())
     soft = cfg.model.num_latents * hf.hidden_size
-    return ParamCounts(decoder=decoder, coprocessor=base - embedding + soft, embedding=embedding, soft_tokens=soft)
+    return ParamCounts(
+        decoder=decoder, coprocessor=base - embedding + soft, embedding=embedding, soft_tokens=soft
+    )
 
 
 def trace_token_counts(cfg: RunConfig) -> tuple[int, int]:
@@ -77,8 +79,14 @@ def flops_per_sequence(cfg: RunConfig) -> dict[str, float]:
     trace = pass_flops(trace_tokens, n / 2 + (t_len + 1) / 2) + vocab_head * m.num_positions * m.num_ahead
     plain_lm_step = 3 * (pass_flops(n, (n + 1) / 2) + vocab_head * n)
     total = prefix + 3 * cop + 2 * trace
-    return {"prefix": prefix, "coprocessor": 3 * cop, "trace": 2 * trace, "total": total,
-            "plain_lm_step": plain_lm_step, "ratio_to_plain_lm": total / plain_lm_step}
+    return {
+        "prefix": prefix,
+        "coprocessor": 3 * cop,
+        "trace": 2 * trace,
+        "total": total,
+        "plain_lm_step": plain_lm_step,
+        "ratio_to_plain_lm": total / plain_lm_step,
+    }
 
 
 def memory_estimate(cfg: RunConfig, world_size: int, *, bf16: bool = True) -> dict[str, float]:
@@ -113,8 +121,20 @@ def memory_estimate(cfg: RunConfig, world_size: int, *, bf16: bool = True) -> di
         acts = tokens * layers * 2 * h + micro * max(cop_tokens, trace_tokens) * 34 * h
     else:
         acts = tokens * layers * 34 * h
-    loss = min(cfg.model.loss_chunk_size, micro * cfg.model.num_positions * cfg.model.num_ahead) * hf.vocab_size * 4 * 3
-    parts = {"frozen_decoder": decoder, "coprocessor_params": params, "coprocessor_grads": grads,
-             "optimizer_state": optim, "prefix_kv_cache": kv, "activations": acts, "loss_chunk": loss}
+    loss = (
+        min(cfg.model.loss_chunk_size, micro * cfg.model.num_positions * cfg.model.num_ahead)
+        * hf.vocab_size
+        * 4
+        * 3
+    )
+    parts = {
+        "frozen_decoder": decoder,
+        "coprocessor_params": params,
+        "coprocessor_grads": grads,
+        "optimizer_state": optim,
+        "prefix_kv_cache": kv,
+        "activations": acts,
+        "loss_chunk": loss,
+    }
     parts["total"] = sum(parts.values())
     return parts

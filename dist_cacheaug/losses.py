@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_ce(hidden_mh: torch.Tensor, targets_m: torch.Tensor, weight_vh: torch.Tensor, softcap: float | None):
+def _chunk_ce(
+    hidden_mh: torch.Tensor, targets_m: torch.Tensor, weight_vh: torch.Tensor, softcap: float | None
+):
     logits = F.linear(hidden_mh, weight_vh).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -105,13 +105,24 @@ def _checkpoint_layers(layers: nn.ModuleList) -> None:
 
 
 def decoder_fingerprint(config) -> dict:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "intermediate_size")
+    keys = (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "intermediate_size",
+    )
     return {k: getattr(config, k, None) for k in keys}
 
 
 def sample_positions(
-    batch: int, seq_len: int, num_positions: int, num_ahead: int, generator: torch.Generator | None = None,
+    batch: int,
+    seq_len: int,
+    num_positions: int,
+    num_ahead: int,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """[batch, P] sorted distinct augmentation positions, uniform over the valid range
@@ -127,7 +138,9 @@ def sample_positions(
 
 
 class CacheAugmentedLM(nn.Module):
-    def __init__(self, decoder: nn.Module, coprocessor: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig):
+    def __init__(
+        self, decoder: nn.Module, coprocessor: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig
+    ):
         super().__init__()
         object.__setattr__(self, "decoder", decoder)  # not a submodule: frozen, outside optimizers/engines
         for p in decoder.parameters():
@@ -139,13 +152,27 @@ class CacheAugmentedLM(nn.Module):
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_decoder(cls, decoder: nn.Module, num_latents: int = 16, *, coprocessor_init: str = "decoder",
-                     convention: str = "insert", latent_final_norm: bool = True,
-                     soft_token_init: str = "embedding_sample", loss_chunk_size: int = 4096, seed: int = 0,
-                     coprocessor_dtype: torch.dtype | None = None) -> CacheAugmentedLM:
-        config = AugmentConfig(num_latents=num_latents, convention=convention, latent_final_norm=latent_final_norm,
-                               soft_token_init=soft_token_init, coprocessor_init=coprocessor_init,
-                               loss_chunk_size=loss_chunk_size)
+    def from_decoder(
+        cls,
+        decoder: nn.Module,
+        num_latents: int = 16,
+        *,
+        coprocessor_init: str = "decoder",
+        convention: str = "insert",
+        latent_final_norm: bool = True,
+        soft_token_init: str = "embedding_sample",
+        loss_chunk_size: int = 4096,
+        seed: int = 0,
+        coprocessor_dtype: torch.dtype | None = None,
+    ) -> CacheAugmentedLM:
+        config = AugmentConfig(
+            num_latents=num_latents,
+            convention=convention,
+            latent_final_norm=latent_final_norm,
+            soft_token_init=soft_token_init,
+            coprocessor_init=coprocessor_init,
+            loss_chunk_size=loss_chunk_size,
+        )
         dtype = coprocessor_dtype or next(decoder.parameters()).dtype
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
@@ -174,8 +201,13 @@ class CacheAugmentedLM(nn.Module):
         return cache
 
     def _coprocessor_states(self, inputs_bqh, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
-        out = self.coprocessor(inputs_embeds=inputs_bqh, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=cache, use_cache=True)
+        out = self.coprocessor(
+            inputs_embeds=inputs_bqh,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         return out.last_hidden_state
 
     def enable_activation_checkpointing(self) -> None:
@@ -187,7 +219,9 @@ class CacheAugmentedLM(nn.Module):
     def _impl(self) -> str:
         return getattr(self.decoder.config, "_attn_implementation", "eager") or "eager"
 
-    def training_loss(self, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int) -> TrainingLossOutput:
+    def training_loss(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
+    ) -> TrainingLossOutput:
         """All P traces of every sequence in one pass (DESIGN.md §1): equals running each trace alone."""
         b, n = input_ids.shape
         positions = _check_positions(positions, b, n, num_ahead)
@@ -198,10 +232,16 @@ class CacheAugmentedLM(nn.Module):
 
         # (2) coprocessor: trace j's soft tokens at positions p_j+1..p_j+N_L, seeing prefix 0..p_j.
         offs_l = torch.arange(1, n_l + 1, device=device)
-        cop_layout = TraceLayout(prefix_len=n, trace_len=n_l, prefix_end_bp=positions,
-                                 position_ids_bq=(positions[:, :, None] + offs_l).reshape(b, -1))
+        cop_layout = TraceLayout(
+            prefix_len=n,
+            trace_len=n_l,
+            prefix_end_bp=positions,
+            position_ids_bq=(positions[:, :, None] + offs_l).reshape(b, -1),
+        )
         cop_dtype = self.soft_tokens.dtype
-        cop_mask = attention_masks(self.coprocessor.config, cop_layout, dtype=cop_dtype, implementation=self._impl())
+        cop_mask = attention_masks(
+            self.coprocessor.config, cop_layout, dtype=cop_dtype, implementation=self._impl()
+        )
         soft = self.soft_tokens[None, None].expand(b, p_count, n_l, -1).reshape(b, p_count * n_l, -1)
         latents = self._coprocessor_states(soft, read_only_view(cache), cop_mask, cop_layout.position_ids_bq)
         latents_bpld = latents.to(dec_dtype).view(b, p_count, n_l, -1)
@@ -223,23 +263,44 @@ class CacheAugmentedLM(nn.Module):
             predict_rows = torch.arange(n_l, n_l + n_a, device=device)
         ahead_ids = torch.gather(input_ids, 1, (positions[:, :, None] + ahead_offsets).reshape(b, -1))
         hidden_size = latents_bpld.shape[-1]
-        ahead_emb = self.decoder.get_input_embeddings()(ahead_ids).view(b, p_count, len(ahead_offsets), hidden_size)
+        ahead_emb = self.decoder.get_input_embeddings()(ahead_ids).view(
+            b, p_count, len(ahead_offsets), hidden_size
+        )
         trace_in = torch.cat([latents_bpld, ahead_emb], dim=2)
         t_len = trace_in.shape[2]
-        dec_layout = TraceLayout(prefix_len=n, trace_len=t_len, prefix_end_bp=prefix_end,
-                                 position_ids_bq=trace_pos.reshape(b, -1), window_pos_bq=window_pos)
-        dec_mask = attention_masks(self.decoder.config, dec_layout, dtype=dec_dtype, implementation=self._impl())
-        hidden = self.decoder.base_model(inputs_embeds=trace_in.reshape(b, p_count * t_len, -1),
-                                         attention_mask=dec_mask, position_ids=dec_layout.position_ids_bq,
-                                         past_key_values=read_only_view(cache), use_cache=True).last_hidden_state
+        dec_layout = TraceLayout(
+            prefix_len=n,
+            trace_len=t_len,
+            prefix_end_bp=prefix_end,
+            position_ids_bq=trace_pos.reshape(b, -1),
+            window_pos_bq=window_pos,
+        )
+        dec_mask = attention_masks(
+            self.decoder.config, dec_layout, dtype=dec_dtype, implementation=self._impl()
+        )
+        hidden = self.decoder.base_model(
+            inputs_embeds=trace_in.reshape(b, p_count * t_len, -1),
+            attention_mask=dec_mask,
+            position_ids=dec_layout.position_ids_bq,
+            past_key_values=read_only_view(cache),
+            use_cache=True,
+        ).last_hidden_state
         hidden_bpah = hidden.view(b, p_count, t_len, -1)[:, :, predict_rows]
-        targets = torch.gather(input_ids, 1, (positions[:, :, None] + torch.arange(1, n_a + 1, device=device))
-                               .reshape(b, -1))
+        targets = torch.gather(
+            input_ids, 1, (positions[:, :, None] + torch.arange(1, n_a + 1, device=device)).reshape(b, -1)
+        )
         weight, softcap = lm_head_of(self.decoder)
-        ce = chunked_cross_entropy(hidden_bpah.reshape(-1, hidden.shape[-1]), targets.reshape(-1), weight, softcap,
-                                   self.aug_config.loss_chunk_size)
+        ce = chunked_cross_entropy(
+            hidden_bpah.reshape(-1, hidden.shape[-1]),
+            targets.reshape(-1),
+            weight,
+            softcap,
+            self.aug_config.loss_chunk_size,
+        )
         per_offset = ce.view(-1, n_a).mean(0)
-        return TrainingLossOutput(loss=per_offset.mean(), loss_per_offset=per_offset, num_predictions=ce.numel())
+        return TrainingLossOutput(
+            loss=per_offset.mean(), loss_per_offset=per_offset, num_predictions=ce.numel()
+        )
 
     def forward(self, input_ids, positions, num_ahead) -> TrainingLossOutput:
         return self.training_loss(input_ids, positions, num_ahead)
@@ -265,19 +326,35 @@ class CacheAugmentedLM(nn.Module):
         # refeed: latents from the cache of x[0..p]; decoder cache keeps x[0..p-1], then [z, x[p]].
         cache = self._prefix_cache(input_ids[:, :-1], full_layers=False)
         seen = clone_cache(cache)
-        self.decoder.base_model(input_ids=input_ids[:, -1:], past_key_values=seen, use_cache=True,
-                                position_ids=torch.full((b, 1), n - 1, device=input_ids.device))
+        self.decoder.base_model(
+            input_ids=input_ids[:, -1:],
+            past_key_values=seen,
+            use_cache=True,
+            position_ids=torch.full((b, 1), n - 1, device=input_ids.device),
+        )
         latents = self.latents_for_cache(seen, b).to(dec_dtype)
         last = self.decoder.get_input_embeddings()(input_ids[:, -1:])
         pos = torch.cat([torch.arange(n, n + self.num_latents), torch.tensor([n - 1])]).to(input_ids.device)
-        out = self.decoder(inputs_embeds=torch.cat([latents, last], 1), past_key_values=cache, use_cache=True,
-                           position_ids=pos[None].expand(b, -1))
+        out = self.decoder(
+            inputs_embeds=torch.cat([latents, last], 1),
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=pos[None].expand(b, -1),
+        )
         return AugmentOutput(cache, out.logits[:, -1].float(), latents, n)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, augment: bool = True,
-                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        *,
+        augment: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Augment once at the end of the prompt, then plain cached decoding. Returns [B, L + new]
         (prompt followed by the generated tokens). ``augment=False``: the frozen decoder alone."""
         b, n = _check_prompt(input_ids)
@@ -286,7 +363,9 @@ class CacheAugmentedLM(nn.Module):
             cache, logits, next_pos = a.past_key_values, a.logits, a.next_position
         else:
             cache = DynamicCache(config=self.decoder.config)
-            logits = self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = (
+                self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            )
             next_pos = n
         out = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
@@ -299,8 +378,11 @@ class CacheAugmentedLM(nn.Module):
             if eos_token_id is not None and bool(done.all()):
                 break
             pos = torch.full((b, 1), next_pos, device=input_ids.device)
-            logits = self.decoder(input_ids=tok[:, None], past_key_values=cache, use_cache=True,
-                                  position_ids=pos).logits[:, -1].float()
+            logits = (
+                self.decoder(input_ids=tok[:, None], past_key_values=cache, use_cache=True, position_ids=pos)
+                .logits[:, -1]
+                .float()
+            )
             next_pos += 1
         return torch.cat(out, dim=1)
 
@@ -314,7 +396,9 @@ class CacheAugmentedLM(nn.Module):
         self.coprocessor.config.save_pretrained(cop_dir)
         state = {k: v.detach().contiguous().cpu() for k, v in self.coprocessor.state_dict().items()}
         save_file(state, str(cop_dir / WEIGHTS_NAME))
-        save_file({"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME))
+        save_file(
+            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
+        )
         meta = {"augment": asdict(self.aug_config), "decoder": decoder_fingerprint(self.decoder.config)}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
@@ -331,8 +415,11 @@ class CacheAugmentedLM(nn.Module):
             raise ValueError(f"{meta_path}: unreadable or invalid: {e}") from e
         have = decoder_fingerprint(decoder.config)
         if meta.get("decoder") != have:
-            diff = {k: (meta.get("decoder", {}).get(k), v) for k, v in have.items()
-                    if meta.get("decoder", {}).get(k) != v}
+            diff = {
+                k: (meta.get("decoder", {}).get(k), v)
+                for k, v in have.items()
+                if meta.get("decoder", {}).get(k) != v
+            }
             raise ValueError(f"{directory}: was trained for another decoder; (saved, given) differ in {diff}")
         cop_dir = directory / COPROCESSOR_DIR
         try:
@@ -397,7 +484,9 @@ def _check_positions(positions: torch.Tensor, b: int, n: int, num_ahead: int) ->
 
 def _check_prompt(input_ids: torch.Tensor) -> tuple[int, int]:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty [batch, length] tensor of token ids, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"prompt must be a non-empty [batch, length] tensor of token ids, got {tuple(input_ids.shape)}"
+        )
     return input_ids.shape
 
 

@@ -79,8 +79,9 @@ def test_batched_pass_equals_one_trace_at_a_time(family, convention, n_l, n_a, n
     batched_grads = trainable_grads(model)
     model.zero_grad(set_to_none=True)
 
-    ref_ce = torch.stack([reference_trace_ce(model, ids[b : b + 1], int(p), n_a)
-                          for b in range(batch) for p in positions[b]])  # [B*P, N_A]
+    ref_ce = torch.stack(
+        [reference_trace_ce(model, ids[b : b + 1], int(p), n_a) for b in range(batch) for p in positions[b]]
+    )  # [B*P, N_A]
     ref_per_offset = ref_ce.mean(0)
     ref_per_offset.mean().backward()
     ref_grads = trainable_grads(model)
@@ -89,7 +90,9 @@ def test_batched_pass_equals_one_trace_at_a_time(family, convention, n_l, n_a, n
     assert out.loss_per_offset.shape == (n_a,)
     assert batched_grads.keys() == ref_grads.keys() and "soft_tokens" in batched_grads
     for name, g in batched_grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_mask_mistake_is_detected():
@@ -104,8 +107,13 @@ def test_mask_mistake_is_detected():
     original = masks.allowed_bqk
 
     def leaky(layout, window):
-        leaked = masks.TraceLayout(layout.prefix_len, layout.trace_len, layout.prefix_end_bp + 1,
-                                   layout.position_ids_bq, layout.window_pos_bq)
+        leaked = masks.TraceLayout(
+            layout.prefix_len,
+            layout.trace_len,
+            layout.prefix_end_bp + 1,
+            layout.position_ids_bq,
+            layout.window_pos_bq,
+        )
         return original(leaked, window)
 
     masks.allowed_bqk = leaky
@@ -130,7 +138,9 @@ def test_augment_then_plain_hf_continuation_reproduces_training_loss(family, con
     cache, pos = aug.past_key_values, aug.next_position
     for i in range(n_a - 1):  # teacher-forced plain HF decoding from the augmented cache
         tok = ids[:, p + 1 + i : p + 2 + i]
-        out = decoder(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos + i]]))
+        out = decoder(
+            input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos + i]])
+        )
         logits.append(out.logits[0, -1].float())
     ce = F.cross_entropy(torch.stack(logits), ids[0, p + 1 : p + 1 + n_a], reduction="none")
     torch.testing.assert_close(ce, loss, atol=1e-5, rtol=1e-5)
@@ -144,8 +154,11 @@ def test_insert_augment_continues_with_hf_defaults():
     nxt = aug.logits.argmax(-1, keepdim=True)
     explicit = model.augment(ids)
     a = decoder(input_ids=nxt, past_key_values=aug.past_key_values).logits
-    b = decoder(input_ids=nxt, past_key_values=explicit.past_key_values,
-                position_ids=torch.full((2, 1), explicit.next_position)).logits
+    b = decoder(
+        input_ids=nxt,
+        past_key_values=explicit.past_key_values,
+        position_ids=torch.full((2, 1), explicit.next_position),
+    ).logits
     torch.testing.assert_close(a, b)
 
 
@@ -155,8 +168,9 @@ def test_generate_without_augmentation_equals_hf_greedy(family):
     model = CacheAugmentedLM.from_decoder(decoder, num_latents=2)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
     ours = model.generate(ids, max_new_tokens=12, augment=False)
-    hf = decoder.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0,
-                          eos_token_id=None)
+    hf = decoder.generate(
+        ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(ours, hf)
     with torch.no_grad():
         plain = decoder(ids).logits
@@ -227,7 +241,9 @@ def test_coprocessor_init(init):
 
 def test_save_and_load_roundtrip(tmp_path):
     decoder = tiny_decoder("gemma2")
-    model = CacheAugmentedLM.from_decoder(decoder, num_latents=3, convention="refeed", latent_final_norm=False)
+    model = CacheAugmentedLM.from_decoder(
+        decoder, num_latents=3, convention="refeed", latent_final_norm=False
+    )
     with torch.no_grad():
         model.soft_tokens.add_(1.0)
         next(model.coprocessor.parameters()).mul_(1.5)
@@ -237,8 +253,12 @@ def test_save_and_load_roundtrip(tmp_path):
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
     pos = torch.tensor([[1, 5], [0, 9]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded.training_loss(ids, pos, 3).loss_per_offset,
-                                   model.training_loss(ids, pos, 3).loss_per_offset, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.training_loss(ids, pos, 3).loss_per_offset,
+            model.training_loss(ids, pos, 3).loss_per_offset,
+            atol=0,
+            rtol=0,
+        )
     other = tiny_decoder("gemma2", hidden_size=48)
     with pytest.raises(ValueError, match="another decoder.*hidden_size"):
         CacheAugmentedLM.from_pretrained(tmp_path / "export", decoder=other)
@@ -256,7 +276,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(family):
         if ckpt:
             model.enable_activation_checkpointing()
         calls = []
-        model.coprocessor.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        model.coprocessor.layers[0].mlp.register_forward_pre_hook(lambda *a, c=calls: c.append(1))
         out = model.training_loss(ids, pos, 3)
         out.loss.backward()
         assert len(calls) == (2 if ckpt else 1)  # recomputed in backward only when checkpointing

@@ -15,9 +15,13 @@ from dist_cacheaug.masks import TraceLayout, allowed_bqk, eager_mask, flex_block
 def random_layout(gen, b=2, n=40, p=5, t=6, refeed=False):
     pos = sample_positions(b, n, p, t, gen)
     rel = torch.arange(1, t + 1)
-    layout = TraceLayout(prefix_len=n, trace_len=t, prefix_end_bp=pos - int(refeed),
-                         position_ids_bq=(pos[:, :, None] + rel).reshape(b, -1),
-                         window_pos_bq=(pos[:, :, None] + torch.arange(t)).reshape(b, -1) if refeed else None)
+    layout = TraceLayout(
+        prefix_len=n,
+        trace_len=t,
+        prefix_end_bp=pos - int(refeed),
+        position_ids_bq=(pos[:, :, None] + rel).reshape(b, -1),
+        window_pos_bq=(pos[:, :, None] + torch.arange(t)).reshape(b, -1) if refeed else None,
+    )
     return layout
 
 
@@ -31,7 +35,9 @@ def dense_from_block_mask(block_mask, q_len, kv_len):
     qb, kb = block_mask.BLOCK_SIZE
     for bi in range(b):
         bidx = torch.full_like(q.expand(q_len, kv_len), bi)
-        vals = block_mask.mask_mod(bidx, torch.zeros_like(bidx), q.expand(q_len, kv_len), k.expand(q_len, kv_len))
+        vals = block_mask.mask_mod(
+            bidx, torch.zeros_like(bidx), q.expand(q_len, kv_len), k.expand(q_len, kv_len)
+        )
         in_block = dense_blocks[bi, 0][q.expand(q_len, kv_len) // qb, k.expand(q_len, kv_len) // kb].bool()
         out[bi] = vals & in_block
     return out
@@ -53,8 +59,12 @@ def test_flex_block_mask_equals_eager_mask(window, refeed):
 
 def test_allowed_mask_semantics_on_a_hand_example():
     # N=4 prefix keys, 2 traces of 2 tokens at p=1 and p=2, insert convention, window 3.
-    layout = TraceLayout(prefix_len=4, trace_len=2, prefix_end_bp=torch.tensor([[1, 2]]),
-                         position_ids_bq=torch.tensor([[2, 3, 3, 4]]))
+    layout = TraceLayout(
+        prefix_len=4,
+        trace_len=2,
+        prefix_end_bp=torch.tensor([[1, 2]]),
+        position_ids_bq=torch.tensor([[2, 3, 3, 4]]),
+    )
     allowed = allowed_bqk(layout, None)[0].int().tolist()
     assert allowed == [
         [1, 1, 0, 0, 1, 0, 0, 0],
@@ -103,8 +113,11 @@ def test_flex_forward_equals_eager_forward(family, monkeypatch):
     import transformers.integrations.flex_attention as hf_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    monkeypatch.setattr(
+        hf_flex,
+        "compile_friendly_flex_attention",
+        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw),
+    )
     eager = tiny_decoder(family)
     flex = tiny_decoder(family)
     flex.set_attn_implementation("flex_attention")

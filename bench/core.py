@@ -13,20 +13,17 @@ import argparse
 import copy
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
+from dist_cacheaug.benchmark import naive_loop_step, plain_lm_step, timed
 from dist_cacheaug.config import config_from_dict
 from dist_cacheaug.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.estimate import flops_per_sequence
-from dist_cacheaug.model import clone_cache
 
 PRESETS = {
     "tiny": dict(
@@ -57,60 +54,6 @@ PRESETS = {
 }
 
 
-def device_peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def device_peak(device) -> float | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    # CPU has no allocator peak counter: report the growth of this process's peak RSS over the peak
-    # before the measured step (each variant runs in its own process on CPU, see --variant).
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - _RSS_BEFORE[0]
-
-
-_RSS_BEFORE = [0.0]
-
-
-def timed(fn, device, repeats):
-    _RSS_BEFORE[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fn()  # warm-up (allocator, kernels, lazy init)
-    device_peak_reset(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times), device_peak(device)
-
-
-def naive_step(model: CacheAugmentedLM, ids, positions, n_a):
-    """One trace at a time: prefix -> HF cache -> coprocessor -> latents -> decoder, backward per trace."""
-    dec, n_l = model.decoder, model.num_latents
-    emb = dec.get_input_embeddings()
-    count = positions.numel()
-    for b in range(ids.shape[0]):
-        for p in positions[b].tolist():
-            row = ids[b : b + 1]
-            cache = DynamicCache(config=dec.config)
-            with torch.no_grad():
-                dec.base_model(input_ids=row[:, : p + 1], past_key_values=cache, use_cache=True)
-            z = model.coprocessor(
-                inputs_embeds=model.soft_tokens[None], past_key_values=clone_cache(cache), use_cache=True
-            ).last_hidden_state
-            trace = torch.cat([z.to(emb.weight.dtype), emb(row[:, p + 1 : p + n_a])], 1)
-            logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0, n_l - 1 :]
-            loss = F.cross_entropy(logits.float(), row[0, p + 1 : p + 1 + n_a]) / count
-            loss.backward()
-
-
 def run_preset(name, args, device):
     arch = dict(PRESETS[name])
     hf = hf_config_from_dict(arch)
@@ -130,19 +73,15 @@ def run_preset(name, args, device):
 
     def naive():
         model.zero_grad(set_to_none=True)
-        naive_step(model, ids, positions, n_a)
+        naive_loop_step(model, ids, positions, n_a)
 
     plain_model = copy.deepcopy(decoder).train()
     for prm in plain_model.parameters():
         prm.requires_grad_(True)
-    plain_model.set_attn_implementation(
-        "eager" if device.type == "cpu" else "sdpa" if arch["model_type"] != "gemma2" else "eager"
-    )
 
     def plain():
         plain_model.zero_grad(set_to_none=True)
-        logits = plain_model(input_ids=ids).logits[:, :-1]
-        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        plain_lm_step(plain_model, ids, chunk=4096)
 
     variants = {"batched": batched, "plain_lm": plain, "naive_loop": naive}
     if args.variant:  # one variant in this process (CPU peak-RSS isolation)

@@ -101,6 +101,119 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .benchmark import bench_train, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    report = bench_train(
+        cfg,
+        steps=args.steps,
+        warmup=args.warmup,
+        naive_positions=args.naive_positions,
+        eager_positions=args.eager_positions,
+        skip=tuple(args.skip),
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _run_inference_cmd(module: str, func: str, args) -> int:
+    """Evaluation/generation handlers: import lazily; bad checkpoints, data or input exit with code 2."""
+    import importlib
+
+    from data_tools.errors import DataError
+
+    from .inference import InferenceError
+
+    try:
+        return getattr(importlib.import_module(module, __package__), func)(args)
+    except (InferenceError, DataError) as e:
+        print(f"cacheaug {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_eval(args) -> int:
+    return _run_inference_cmd(".evaluation", "run_eval_cli", args)
+
+
+def cmd_generate(args) -> int:
+    return _run_inference_cmd(".generation", "run_generate_cli", args)
+
+
+def cmd_downstream(args) -> int:
+    return _run_inference_cmd(".downstream", "run_downstream_cli", args)
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+" if several else None,
+        help="run directory (config.yaml + export/) or export directory"
+        + ("; several for one line each in the table and plot" if several else ""),
+    )
+    p.add_argument("--decoder", default=None, help="frozen decoder (HF model dir); default: the run's own")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def _add_eval_parsers(sub) -> None:
+    """``eval`` (Table 1), ``generate`` and ``downstream`` (local task files)."""
+    p = sub.add_parser("eval", help="Table 1: perplexity of the k-th token after inserting latents, vs baseline")
+    _add_checkpoint_args(p, several=True)
+    p.add_argument("--data", required=True, nargs="+", help="held-out shard directories (data_tools make-shards)")
+    p.add_argument("--split", default="val", help="manifest split to read (default val)")
+    p.add_argument(
+        "--positions",
+        nargs="+",
+        default=["stride", "16"],
+        metavar="SPEC",
+        help="insertion positions per sequence: 'all', 'stride S' or 'random R' (default: stride 16)",
+    )
+    p.add_argument("--max-k", type=int, default=32, help="measure k = 1..MAX_K tokens after the insertion")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per pass")
+    p.add_argument("--positions-per-pass", type=int, default=64, help="insertion traces per batched pass")
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
+    p.add_argument("--seed", type=int, default=0, help="seed for --positions random")
+    p.add_argument("--out", default="eval_out", help="output dir: results.json, results.md, ppl_change.png, tb/")
+    p.add_argument("--no-augment", action="store_true", help="check mode: insert zero latents (= baseline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with cache augmentation (or the frozen baseline)")
+    _add_checkpoint_args(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone")
+    p.add_argument("--reaugment-every", type=int, default=None, metavar="K", help="augment again every K tokens")
+    p.add_argument(
+        "--async-delay", type=int, default=0, metavar="D", help="latents from the cache D tokens behind (A.5)"
+    )
+    p.add_argument("--bos", action="store_true", help="prepend the decoder's BOS token to the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "downstream", help="local task files: GSM8K-format jsonl (exact match) and multiple-choice jsonl"
+    )
+    _add_checkpoint_args(p)
+    p.add_argument("--gsm8k", default=None, help="GSM8K-format jsonl (question, answer with '#### N')")
+    p.add_argument("--mc", default=None, help="multiple-choice jsonl (question, choices, answer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)")
+    p.add_argument("--num-fewshot", type=int, default=8, help="GSM8K exemplars in the prompt (default 8)")
+    p.add_argument("--fewshot-file", default=None, help="exemplars from this file (default: first lines of --gsm8k)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many items per task")
+    p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone (baseline)")
+    p.add_argument("--reaugment-every", type=int, default=None, metavar="K")
+    p.add_argument("--async-delay", type=int, default=0, metavar="D")
+    p.add_argument("--out", default=None, help="write results (and per-item predictions) as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_downstream)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cacheaug", description="Differentiable cache augmentation at scale."
@@ -130,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="measure a training step at a config's shapes (random init, one device)")
+    p.add_argument(
+        "what", choices=["train"], help="train: augmented step, ratios to plain LM / naive loop / eager"
+    )
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (best is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--naive-positions", type=int, default=8, help="P for the batched-vs-naive-loop ratio")
+    p.add_argument("--eager-positions", type=int, default=None, help="P for the flex-vs-eager ratio (GPU)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["plain", "naive", "eager"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    _add_eval_parsers(sub)
     return parser
 
 

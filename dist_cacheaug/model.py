@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,24 +85,26 @@ def read_only_view(cache: DynamicCache) -> DynamicCache:
         ro.__dict__.update(layer.__dict__)
         layers.append(ro)
     view.layers = layers
+    view.read_only = True
     return view
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """A layer's forward, recomputed in backward when that is safe: under autograd and with no cache or
+    a read-only one (a growing cache would be appended to twice by the recompute)."""
+    inner = type(self).forward
+    cache = kwargs.get("past_key_values")
+    if torch.is_grad_enabled() and (cache is None or getattr(cache, "read_only", False)):
+        return checkpoint(inner, self, *args, use_reentrant=False, **kwargs)
+    return inner(self, *args, **kwargs)
 
 
 def _checkpoint_layers(layers: nn.ModuleList) -> None:
     """Recompute each layer in backward (non-reentrant torch checkpointing). HF's own gradient
-    checkpointing drops ``past_key_values``, which the extended passes need, so we wrap ``forward``."""
+    checkpointing drops ``past_key_values``, which the extended passes need, so we wrap ``forward``.
+    A bound method (not a closure) so that ``copy.deepcopy`` of the model rebinds it to the copy."""
     for layer in layers:
-        if getattr(layer, "_cacheaug_checkpointed", False):
-            continue
-        inner = layer.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-            return _inner(*args, **kwargs)
-
-        layer.forward = forward
-        layer._cacheaug_checkpointed = True
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
 
 
 def decoder_fingerprint(config) -> dict:

@@ -3,3 +3,20 @@ from pathlib import Path
 
 # tests import their helpers (tiny_models) as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU- and SLURM-marked tests skip cleanly where there is no GPU / no SLURM cluster."""
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_slurm = pytest.mark.skip(reason="needs a SLURM cluster (sbatch on PATH)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slurm" in item.keywords and shutil.which("sbatch") is None:
+            item.add_marker(no_slurm)

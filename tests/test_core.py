@@ -284,3 +284,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(family):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointed_layers_stay_correct_when_copied_or_used_with_a_growing_cache():
+    decoder = tiny_decoder("llama")
+    model = CacheAugmentedLM.from_decoder(decoder, num_latents=2)
+    model.enable_activation_checkpointing()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(10))
+    reference = tiny_decoder("llama")  # same seed, never wrapped
+    # a deep copy computes with its own weights, not the original's
+    copied = copy.deepcopy(decoder)
+    with torch.no_grad():
+        for prm in copied.parameters():
+            prm.mul_(0.5)
+    assert not torch.allclose(copied(ids).logits, decoder(ids).logits)
+    # under autograd with HF's default (growing) cache, layers run unwrapped: same as an unwrapped model
+    trainable = copy.deepcopy(decoder).train()
+    for prm in trainable.parameters():
+        prm.requires_grad_(True)
+    loss = trainable(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference(ids, labels=ids).loss)

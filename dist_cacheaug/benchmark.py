@@ -25,17 +25,8 @@ from .config import RunConfig
 from .decoder import build_decoder
 from .estimate import flops_per_sequence
 from .losses import chunked_cross_entropy, lm_head_of
+from .metrics import peak_flops as device_peak_flops
 from .model import CacheAugmentedLM, sample_positions
-
-# Dense bf16 peak FLOP/s (no sparsity), from the vendors' datasheets.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def _max_rss_mib() -> float:
@@ -175,7 +166,7 @@ def bench_train(
         tokens_per_s=ids.numel() / step_s,
         achieved_tflops=flops["total"] * ids.shape[0] / step_s / 1e12,
     )
-    peak_flops = device_peak_flops(device)
+    peak_flops = device_peak_flops(device)  # dense bf16 datasheet peak
     out["mfu"] = flops["total"] * ids.shape[0] / step_s / peak_flops if peak_flops else None
     out["analytic_aug_over_plain"] = flops["ratio_to_plain_lm"]
 

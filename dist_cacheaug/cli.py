@@ -37,6 +37,14 @@ def cmd_config(args) -> int:
     from .estimate import flops_per_sequence, memory_estimate, param_counts
 
     cfg = load_config(args.config, args.overrides)
+    if args.get:  # one resolved value, for scripts (e.g. slurm/train.sbatch reads train.run_dir)
+        value = cfg.to_dict()
+        for part in args.get.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"--get {args.get}: no such config key")
+            value = value[part]
+        print(value if isinstance(value, (str, int, float)) else json.dumps(value))
+        return 0
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     bf16 = not args.fp32
     ds = deepspeed_config(cfg, world, bf16=bf16)
@@ -158,9 +166,13 @@ def _add_checkpoint_args(p: argparse.ArgumentParser, several: bool = False) -> N
 
 def _add_eval_parsers(sub) -> None:
     """``eval`` (Table 1), ``generate`` and ``downstream`` (local task files)."""
-    p = sub.add_parser("eval", help="Table 1: perplexity of the k-th token after inserting latents, vs baseline")
+    p = sub.add_parser(
+        "eval", help="Table 1: perplexity of the k-th token after inserting latents, vs baseline"
+    )
     _add_checkpoint_args(p, several=True)
-    p.add_argument("--data", required=True, nargs="+", help="held-out shard directories (data_tools make-shards)")
+    p.add_argument(
+        "--data", required=True, nargs="+", help="held-out shard directories (data_tools make-shards)"
+    )
     p.add_argument("--split", default="val", help="manifest split to read (default val)")
     p.add_argument(
         "--positions",
@@ -174,7 +186,9 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--positions-per-pass", type=int, default=64, help="insertion traces per batched pass")
     p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--seed", type=int, default=0, help="seed for --positions random")
-    p.add_argument("--out", default="eval_out", help="output dir: results.json, results.md, ppl_change.png, tb/")
+    p.add_argument(
+        "--out", default="eval_out", help="output dir: results.json, results.md, ppl_change.png, tb/"
+    )
     p.add_argument("--no-augment", action="store_true", help="check mode: insert zero latents (= baseline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -182,13 +196,17 @@ def _add_eval_parsers(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt with cache augmentation (or the frozen baseline)")
     _add_checkpoint_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone")
-    p.add_argument("--reaugment-every", type=int, default=None, metavar="K", help="augment again every K tokens")
+    p.add_argument(
+        "--reaugment-every", type=int, default=None, metavar="K", help="augment again every K tokens"
+    )
     p.add_argument(
         "--async-delay", type=int, default=0, metavar="D", help="latents from the cache D tokens behind (A.5)"
     )
@@ -201,9 +219,13 @@ def _add_eval_parsers(sub) -> None:
     _add_checkpoint_args(p)
     p.add_argument("--gsm8k", default=None, help="GSM8K-format jsonl (question, answer with '#### N')")
     p.add_argument("--mc", default=None, help="multiple-choice jsonl (question, choices, answer)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)"
+    )
     p.add_argument("--num-fewshot", type=int, default=8, help="GSM8K exemplars in the prompt (default 8)")
-    p.add_argument("--fewshot-file", default=None, help="exemplars from this file (default: first lines of --gsm8k)")
+    p.add_argument(
+        "--fewshot-file", default=None, help="exemplars from this file (default: first lines of --gsm8k)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many items per task")
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone (baseline)")
@@ -234,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print the resolved config and DeepSpeed JSON as JSON only"
     )
+    p.add_argument("--get", metavar="DOTTED.KEY", help="print only this resolved value (e.g. train.run_dir)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("fields", help="list every config field with its type, default and meaning")

@@ -327,7 +327,10 @@ class CacheAugmentedLM(nn.Module):
             out = self.decoder(inputs_embeds=latents, past_key_values=cache, use_cache=True)
             return AugmentOutput(cache, out.logits[:, -1].float(), latents, n + self.num_latents)
         # refeed: latents from the cache of x[0..p]; decoder cache keeps x[0..p-1], then [z, x[p]].
-        cache = self._prefix_cache(input_ids[:, :-1], full_layers=False)
+        if n > 1:
+            cache = self._prefix_cache(input_ids[:, :-1], full_layers=False)
+        else:  # a one-token prompt: no prefix before x[p]
+            cache = DynamicCache(config=self.decoder.config)
         seen = clone_cache(cache)
         self.decoder.base_model(
             input_ids=input_ids[:, -1:],

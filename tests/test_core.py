@@ -146,6 +146,15 @@ def test_augment_then_plain_hf_continuation_reproduces_training_loss(family, con
     torch.testing.assert_close(ce, loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("convention", ["insert", "refeed"])
+def test_augment_accepts_a_one_token_prompt(convention):
+    model = CacheAugmentedLM.from_decoder(tiny_decoder("gemma2"), num_latents=2, convention=convention)
+    ids = torch.tensor([[5]])
+    aug = model.augment(ids)
+    assert aug.logits.shape == (1, VOCAB) and torch.isfinite(aug.logits).all()
+    assert model.generate(ids, max_new_tokens=3).shape == (1, 4)
+
+
 def test_insert_augment_continues_with_hf_defaults():
     decoder = tiny_decoder("llama")
     model = CacheAugmentedLM.from_decoder(decoder, num_latents=3)

@@ -109,6 +109,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_slurm(args) -> int:
+    from .slurm_submit import JobSpec, submit
+
+    spec = JobSpec(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        extra=tuple(args.sbatch),
+    )
+    try:
+        print(submit(args.config, args.overrides, spec, dry_run=args.dry_run))
+    except RuntimeError as e:
+        print(f"cacheaug slurm: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .benchmark import bench_train, format_report
 
@@ -280,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     _add_eval_parsers(sub)
+
+    p = sub.add_parser("slurm", help="render an sbatch job for a run and submit it (or print it: --dry-run)")
+    _add_config_args(p, positional=True)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
+    p.add_argument(
+        "--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs per node, or 1)"
+    )
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument(
+        "--time", default="24:00:00", help="time limit; SIGUSR1 300 s before it checkpoints + requeues"
+    )
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--job-name", default="cacheaug")
+    p.add_argument(
+        "--sbatch", action="append", default=[], metavar="OPT", help="extra #SBATCH option (repeatable)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
+    p.set_defaults(func=cmd_slurm)
     return parser
 
 

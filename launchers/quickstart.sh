@@ -8,6 +8,7 @@ RUN="runs/quickstart"
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then RUN="$1"; shift; fi
 bash "$ROOT/launchers/setup_env.sh"
 VENV="${VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"  # the launchers call `python` and `deepspeed`
 PY="$VENV/bin/python"
 cd "$ROOT"
 if "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then

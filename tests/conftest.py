@@ -20,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "slurm" in item.keywords and shutil.which("sbatch") is None:
             item.add_marker(no_slurm)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Tiny sentencepiece shards (seq_len 64) for tests that run the real trainer."""
+    from train_helpers import make_tiny_shards
+
+    return make_tiny_shards(tmp_path_factory.mktemp("trainer_data"))

@@ -5,6 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launchers/setup_env.sh"
 VENV="${VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"  # the launchers call `python` and `deepspeed`
 cd "$ROOT"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$("$VENV/bin/python" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 "$VENV/bin/ruff" check .

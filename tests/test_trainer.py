@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -16,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from train_helpers import tiny_run_config as _config
 
-from data_tools import make_shards, train_tokenizer
 from dist_cacheaug import CacheAugmentedLM, load_config
 from dist_cacheaug.checkpoint import decoder_digest, latest, list_checkpoints
 from dist_cacheaug.decoder import build_decoder
@@ -27,7 +25,6 @@ from dist_cacheaug.validation import eval_samples_for, summarize, validation_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "launchers" / "local.sh"
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial bag".split()
 
 
 # ---------------------------------------------------------------------------------------------- unit
@@ -96,76 +93,6 @@ def test_checkpoint_discovery_ignores_partial_writes(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 10]
     assert latest(tmp_path).name == "step_000010"
     assert latest(tmp_path / "missing") is None
-
-
-# ----------------------------------------------------------------------------------- end-to-end setup
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Tiny corpus -> sentencepiece (320) -> one sample per shard (seq_len 64), 10 % held out."""
-    d = tmp_path_factory.mktemp("trainer_data")
-    rng = random.Random(0)
-    docs = []
-    for i in range(400):
-        parts = []
-        for _ in range(rng.randint(2, 6)):
-            s = rng.randint(0, len(WORDS) - 4)
-            parts.append(" ".join(WORDS[s : s + rng.randint(3, 8)]) + ".")
-        docs.append(f"Document {i}. " + " ".join(parts))
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n\n".join(docs) + "\n")
-    train_tokenizer(iter(docs), str(d / "tok"), vocab_size=320, byte_fallback=True, num_threads=1)
-    make_shards(
-        str(d / "tok"),
-        [str(corpus)],
-        str(d / "shards"),
-        seq_len=64,
-        shard_samples=1,
-        val_fraction=0.1,
-        doc_sep="\n\n",
-        workers=1,
-        progress=False,
-    )
-    return d / "shards"
-
-
-def _config(tmp_path: Path, shards: Path, name: str = "cfg.yaml", **train) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
-    cfg["model"]["decoder_config"].update(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
-    )
-    # Every valid position (64 - 4): the positions are the same whatever the rank layout.
-    cfg["model"].update(num_latents=2, num_ahead=4, num_positions=60)
-    cfg["data"].update(train_shards=[str(shards)], val_shards=[str(shards)], seq_len=64, shuffle_buffer=1)
-    cfg["optim"].update(lr=3e-3, warmup_steps=2, weight_decay=0.01)
-    cfg["train"].update(
-        dict(
-            run_dir=str(tmp_path / "run"),
-            global_batch_size=8,
-            micro_batch_size=4,
-            max_steps=6,
-            log_interval=1,
-            eval_interval=0,
-            eval_batches=2,
-            checkpoint_interval=100,
-            keep_checkpoints=2,
-        ),
-        **train,
-    )
-    cfg["zero"].update(stage=3, activation_checkpointing=True)
-    cfg["logging"]["offsets"] = [1, 2, 4]
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _cmd(nproc: int, config: Path, sets: list[str]) -> list[str]:

@@ -20,38 +20,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
+from dist_cacheaug.benchmark import MODEL_PRESETS as PRESETS
 from dist_cacheaug.benchmark import naive_loop_step, plain_lm_step, timed
 from dist_cacheaug.config import config_from_dict
 from dist_cacheaug.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.estimate import flops_per_sequence
-
-PRESETS = {
-    "tiny": dict(
-        model_type="gemma2",
-        vocab_size=4096,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=48,
-        query_pre_attn_scalar=48,
-        sliding_window=4096,
-    ),
-    # ~100M parameters, Gemma-2-shaped
-    "small": dict(
-        model_type="gemma2",
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        head_dim=64,
-        query_pre_attn_scalar=64,
-        sliding_window=4096,
-    ),
-}
 
 
 def run_preset(name, args, device):

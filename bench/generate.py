@@ -18,38 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM
+from dist_cacheaug.benchmark import MODEL_PRESETS as PRESETS
 from dist_cacheaug.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.generation import generate
-
-PRESETS = {
-    # the shape of configs/tiny_cpu.yaml (~2.4M parameters)
-    "tiny": dict(
-        model_type="gemma2",
-        vocab_size=4096,
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=48,
-        query_pre_attn_scalar=48,
-        sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-    ),
-    # ~100M parameters, Gemma-2-shaped (as bench/core.py)
-    "small": dict(
-        model_type="gemma2",
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        head_dim=64,
-        query_pre_attn_scalar=64,
-        sliding_window=4096,
-    ),
-}
 
 
 def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:

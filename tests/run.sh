@@ -9,4 +9,5 @@ export PATH="$VENV/bin:$PATH"  # the launchers call `python` and `deepspeed`
 cd "$ROOT"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$("$VENV/bin/python" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 "$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

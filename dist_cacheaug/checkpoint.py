@@ -69,7 +69,9 @@ def latest(root: str | Path) -> Path | None:
 
 def fingerprint(model: torch.nn.Module, cfg: RunConfig) -> dict:
     """What must match for a checkpoint to load into this model: architecture and trainable shapes."""
+    extra = {} if cfg.model.variant == "coprocessor" else {"variant": cfg.model.variant}
     return {
+        **extra,
         "decoder": decoder_fingerprint(model.decoder.config),
         "num_latents": cfg.model.num_latents,
         "convention": cfg.model.convention,

@@ -230,7 +230,11 @@ def _add_eval_parsers(sub) -> None:
         "--reaugment-every", type=int, default=None, metavar="K", help="augment again every K tokens"
     )
     p.add_argument(
-        "--async-delay", type=int, default=0, metavar="D", help="latents from the cache D tokens behind (A.5)"
+        "--async-delay",
+        type=int,
+        default=None,
+        metavar="D",
+        help="latents from the cache D tokens behind (A.5; default: the model's own, 0 unless variant async)",
     )
     p.add_argument("--bos", action="store_true", help="prepend the decoder's BOS token to the prompt")
     p.set_defaults(func=cmd_generate)
@@ -244,15 +248,34 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)"
     )
-    p.add_argument("--num-fewshot", type=int, default=8, help="GSM8K exemplars in the prompt (default 8)")
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="GSM8K exemplars in the prompt (default 8; 0 with --cot)",
+    )
     p.add_argument(
         "--fewshot-file", default=None, help="exemplars from this file (default: first lines of --gsm8k)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="GSM8K generation budget (default 256; 512 with --cot)",
+    )
+    p.add_argument(
+        "--cot",
+        action="store_true",
+        help="zero-shot chain-of-thought baseline (paper Table 4): append --cot-prompt after 'Answer:', "
+        "0 exemplars and a larger generation budget unless given",
+    )
+    p.add_argument(
+        "--cot-prompt", default=None, help='the CoT suffix (default: "Let\'s think step by step.")'
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many items per task")
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone (baseline)")
     p.add_argument("--reaugment-every", type=int, default=None, metavar="K")
-    p.add_argument("--async-delay", type=int, default=0, metavar="D")
+    p.add_argument("--async-delay", type=int, default=None, metavar="D")
     p.add_argument("--out", default=None, help="write results (and per-item predictions) as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_downstream)

@@ -28,6 +28,9 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+VariantName = Literal["coprocessor", "pause", "lora", "activations", "async", "single_model", "base_lm"]
+
+
 @dataclass
 class ModelConfig:
     decoder_path: str | None = None
@@ -37,6 +40,20 @@ class ModelConfig:
     #: HF config kwargs (must include ``model_type``, e.g. gemma2 / llama / qwen2 / mistral) for the
     #: decoder's architecture. Used when ``decoder_path`` is None, and by the dry run when the path
     #: does not exist on this machine.
+    variant: VariantName = "coprocessor"
+    #: What is trained (``dist_cacheaug/variants``; baselines and ablations of the paper):
+    #: "coprocessor" (the method), "pause" (N_L trainable pause embeddings, no coprocessor; Table 3),
+    #: "lora" (LoRA adapters on a frozen copy of the decoder as coprocessor; Table 5), "activations"
+    #: (the coprocessor reads the decoder's last-layer states instead of its kv-cache), "async"
+    #: (latents from the cache ``async_delay`` tokens behind; A.5), "single_model" (the decoder itself,
+    #: finetuned jointly with soft tokens, writes the latents), "base_lm" (plain next-token training
+    #: of the decoder itself; the export is an HF model dir usable as ``decoder_path``).
+    lora_rank: int = 64
+    #: LoRA rank r (variant "lora").
+    lora_alpha: float = 0.0
+    #: LoRA alpha (variant "lora"); 0 means alpha = r (adapter scale 1).
+    async_delay: int = 1
+    #: d for variant "async": the coprocessor reads the cache of x[0..p-d] (p-d clamped at 0).
     coprocessor_init: Literal["decoder", "scratch"] = "decoder"
     #: "decoder": the coprocessor starts as a copy of the decoder's weights (paper default);
     #: "scratch": same architecture, random init (paper Table 5 ablation).
@@ -456,6 +473,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "model.decoder_config must name its architecture with 'model_type' (e.g. gemma2, llama)"
         )
+    if m.variant == "lora" and m.lora_rank < 1:
+        raise ConfigError(f"model.lora_rank must be >= 1, got {m.lora_rank}")
+    if m.variant == "lora" and m.coprocessor_init != "decoder":
+        raise ConfigError(
+            "model.variant=lora adapts a frozen copy of the decoder: needs model.coprocessor_init=decoder"
+        )
+    if m.variant == "async" and m.async_delay < 1:
+        raise ConfigError(f"model.async_delay must be >= 1 for model.variant=async, got {m.async_delay}")
+    if m.lora_alpha < 0:
+        raise ConfigError(f"model.lora_alpha must be >= 0, got {m.lora_alpha}")
     if cfg.zero.offload_params and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params needs zero.stage=3")
     bad = [k for k in cfg.logging.offsets if k < 1]

@@ -29,6 +29,8 @@ from .generation import generate
 from .inference import InferenceError
 from .model import CacheAugmentedLM, clone_cache
 
+COT_PROMPT = "Let's think step by step."
+DEFAULT_FEWSHOT, DEFAULT_NEW_TOKENS, COT_NEW_TOKENS = 8, 256, 512
 NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 STOP_STRINGS = ("\nQuestion:", "Question:", "\n\n\n")
 
@@ -94,9 +96,12 @@ def extract_answer(completion: str) -> tuple[str | None, str | None]:
     return strict, flexible
 
 
-def gsm8k_prompt(exemplars: list[dict], question: str) -> str:
+def gsm8k_prompt(exemplars: list[dict], question: str, cot: str | None = None) -> str:
+    """k-shot prompt ending in ``Answer:``; ``cot``: a zero-shot chain-of-thought suffix after it
+    (e.g. "Let's think step by step.", Kojima et al. 2022)."""
     shots = "".join(f"Question: {e['question']}\nAnswer: {e['solution']}\n\n" for e in exemplars)
-    return f"{shots}Question: {question}\nAnswer:"
+    suffix = f" {cot.strip()}" if cot else ""
+    return f"{shots}Question: {question}\nAnswer:{suffix}"
 
 
 def truncate_at_stop(text: str, stops=STOP_STRINGS) -> str:
@@ -258,14 +263,17 @@ def evaluate_gsm8k(
     augment: bool = True,
     max_new_tokens: int = 256,
     reaugment_every: int | None = None,
-    async_delay: int = 0,
+    async_delay: int | None = None,
+    cot: str | None = None,
     progress: bool = False,
 ) -> dict:
+    """Exact match on GSM8K-format items. ``cot``: zero-shot CoT suffix after "Answer:" (the answer is
+    then read from the generated reasoning: after ``####`` when present, else its last number)."""
     device = next(model.decoder.parameters()).device
     preds, strict_ok, flex_ok = [], 0, 0
     bar = _bar(len(items), "gsm8k", progress)
     for it in items:
-        prompt = gsm8k_prompt(list(fewshot), it["question"])
+        prompt = gsm8k_prompt(list(fewshot), it["question"], cot)
         ids = tokenizer.encode(prompt)
 
         def stop(gen_ids):
@@ -302,6 +310,7 @@ def evaluate_gsm8k(
         "task": "gsm8k",
         "n": n,
         "num_fewshot": len(fewshot),
+        "cot": cot,
         "exact_match_strict": strict_ok / n,
         "exact_match_flexible": flex_ok / n,
         "predictions": preds,
@@ -339,7 +348,10 @@ def run_downstream_cli(args) -> int:
     augment = not args.no_augment
     results = {"checkpoint": str(args.checkpoint), "augment": augment, "num_latents": model.num_latents}
     if gsm is not None:
-        exemplars, items = split_fewshot(gsm, args.num_fewshot, shots)
+        cot = (getattr(args, "cot_prompt", None) or COT_PROMPT) if getattr(args, "cot", False) else None
+        num_fewshot = args.num_fewshot if args.num_fewshot is not None else (0 if cot else DEFAULT_FEWSHOT)
+        max_new = args.max_new_tokens or (COT_NEW_TOKENS if cot else DEFAULT_NEW_TOKENS)
+        exemplars, items = split_fewshot(gsm, num_fewshot, shots)
         items = items[: args.limit] if args.limit else items
         r = evaluate_gsm8k(
             model,
@@ -347,14 +359,16 @@ def run_downstream_cli(args) -> int:
             items,
             fewshot=exemplars,
             augment=augment,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=max_new,
             reaugment_every=args.reaugment_every,
             async_delay=args.async_delay,
+            cot=cot,
             progress=not args.no_progress,
         )
         results["gsm8k"] = r
+        mode = f"{r['num_fewshot']}-shot" + (f", zero-shot CoT {cot!r}" if cot else "")
         print(
-            f"gsm8k ({r['n']} items, {r['num_fewshot']}-shot): exact match strict {100 * r['exact_match_strict']:.2f}%"
+            f"gsm8k ({r['n']} items, {mode}): exact match strict {100 * r['exact_match_strict']:.2f}%"
             f", flexible {100 * r['exact_match_flexible']:.2f}%"
         )
     if mc is not None:

@@ -150,7 +150,7 @@ def evaluate_insertion(
     if max_k < 1:
         raise ValueError(f"max_k must be >= 1, got {max_k}")
     spec = parse_positions(positions_spec, seed)
-    decoder = model.decoder
+    decoder = model.baseline_decoder  # the frozen original (variants that finetune the decoder keep it)
     device = next(decoder.parameters()).device
     aug_sum = torch.zeros(max_k, dtype=torch.float64)
     base_sum = torch.zeros(max_k, dtype=torch.float64)

@@ -55,8 +55,11 @@ class _CleanCache:
         return clone_cache(self.cache)
 
 
-def _augment_at(model: CacheAugmentedLM, clean: _CleanCache, ids: torch.Tensor, delay: int):
-    """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id)."""
+def _augment_at(
+    model: CacheAugmentedLM, clean: _CleanCache, ids: torch.Tensor, delay: int, return_latents: bool = False
+):
+    """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id),
+    and the latents [B, N_L, H] last when ``return_latents``."""
     b, length = ids.shape
     n_l, dec = model.num_latents, model.decoder
     dtype = next(dec.parameters()).dtype
@@ -66,7 +69,7 @@ def _augment_at(model: CacheAugmentedLM, clean: _CleanCache, ids: torch.Tensor, 
     snaps = {}
     for n in sorted({view_len, base_len}):
         snaps[n] = clean.advance_to(ids, n)
-    latents = model.latents_for_cache(snaps[view_len], b).to(dtype)
+    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len]).to(dtype)
     cache = snaps[base_len]
     if refeed:
         inputs = torch.cat([latents, dec.get_input_embeddings()(ids[:, -1:])], 1)
@@ -77,6 +80,8 @@ def _augment_at(model: CacheAugmentedLM, clean: _CleanCache, ids: torch.Tensor, 
         next_pos = length + n_l
     pos = pos.to(ids.device)[None].expand(b, -1)
     out = dec(inputs_embeds=inputs, past_key_values=cache, use_cache=True, position_ids=pos)
+    if return_latents:
+        return cache, out.logits[:, -1].float(), next_pos, latents
     return cache, out.logits[:, -1].float(), next_pos
 
 
@@ -88,7 +93,7 @@ def generate(
     *,
     augment: bool = True,
     reaugment_every: int | None = None,
-    async_delay: int = 0,
+    async_delay: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     eos_token_id: int | None = None,
@@ -100,7 +105,8 @@ def generate(
     """[B, L + new] prompt followed by generated tokens (prompts of equal length L).
 
     ``augment=False``: the frozen decoder alone. ``reaugment_every=K``: augment again after every K
-    generated tokens. ``async_delay=d``: latents come from the cache d tokens behind. ``stop``: optional
+    generated tokens. ``async_delay=d``: latents come from the cache d tokens behind (default: the
+    model's own ``async_delay``, set by the "async" variant, else 0). ``stop``: optional
     callable ``stop(generated_ids [B, t]) -> bool`` checked after each token (e.g. stop strings).
     ``logits_out``: a list that receives the next-token logits [B, V] of every step (for tests/analysis).
     """
@@ -108,6 +114,8 @@ def generate(
         raise ValueError(f"prompt must be a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if async_delay is None:
+        async_delay = int(getattr(model, "async_delay", 0))
     if reaugment_every is not None and reaugment_every < 1:
         raise ValueError(f"reaugment_every must be >= 1, got {reaugment_every}")
     if async_delay < 0:

@@ -116,13 +116,15 @@ def load_for_inference(
             dec = build_decoder(mcfg, device=device)
         except ConfigError as e:
             raise InferenceError(f"decoder {source}: {e}") from e
+    from .variants import load_pretrained
+
     try:
-        model = CacheAugmentedLM.from_pretrained(export_dir, decoder=dec)
+        model = load_pretrained(export_dir, decoder=dec)
     except FileNotFoundError as e:
         raise InferenceError(str(e)) from e
     except ValueError as e:
         raise InferenceError(f"checkpoint {export_dir} does not fit decoder {source}: {e}") from e
-    if cfg is not None and cfg.model.num_latents != model.num_latents:
+    if cfg is not None and model.num_latents and cfg.model.num_latents != model.num_latents:
         raise InferenceError(
             f"{export_dir}: holds {model.num_latents} latents but {run_dir / 'config.yaml'} says "
             f"model.num_latents={cfg.model.num_latents}"

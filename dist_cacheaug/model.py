@@ -141,6 +141,8 @@ def sample_positions(
 
 
 class CacheAugmentedLM(nn.Module):
+    variant_name = "coprocessor"  # recorded in the export; see dist_cacheaug/variants
+
     def __init__(
         self, decoder: nn.Module, coprocessor: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig
     ):
@@ -194,6 +196,16 @@ class CacheAugmentedLM(nn.Module):
     def num_latents(self) -> int:
         return self.aug_config.num_latents
 
+    @property
+    def baseline_decoder(self) -> nn.Module:
+        """The frozen decoder that baseline numbers come from (variants that finetune the decoder
+        keep a frozen copy of the original here)."""
+        return self.decoder
+
+    def variant_options(self) -> dict:
+        """Variant-specific settings saved in the export beside ``AugmentConfig``."""
+        return {}
+
     # ---- the three passes --------------------------------------------------------------------------
     def _prefix_cache(self, input_ids: torch.Tensor, full_layers: bool) -> DynamicCache:
         """Decoder pass over ``input_ids`` without grad. ``full_layers``: keep every key in every layer
@@ -225,31 +237,72 @@ class CacheAugmentedLM(nn.Module):
     def training_loss(
         self, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
     ) -> TrainingLossOutput:
-        """All P traces of every sequence in one pass (DESIGN.md §1): equals running each trace alone."""
+        """All P traces of every sequence in one pass (DESIGN.md §1): equals running each trace alone.
+        (1) frozen decoder over the sequence; (2) :meth:`trace_latents`; (3) :meth:`trace_loss`.
+        Variants (``dist_cacheaug/variants``) replace step (2) and leave (1) and (3) as they are."""
         b, n = input_ids.shape
         positions = _check_positions(positions, b, n, num_ahead)
-        p_count, n_l, n_a = positions.shape[1], self.num_latents, num_ahead
-        device = input_ids.device
-        dec_dtype = next(self.decoder.parameters()).dtype
-        cache = self._prefix_cache(input_ids, full_layers=True)
+        cache, hidden = self._prefix_pass(input_ids)
+        latents_bpld = self.trace_latents(input_ids, positions, cache, hidden)
+        return self.trace_loss(input_ids, positions, latents_bpld, cache, num_ahead)
 
-        # (2) coprocessor: trace j's soft tokens at positions p_j+1..p_j+N_L, seeing prefix 0..p_j.
-        offs_l = torch.arange(1, n_l + 1, device=device)
-        cop_layout = TraceLayout(
-            prefix_len=n,
-            trace_len=n_l,
-            prefix_end_bp=positions,
-            position_ids_bq=(positions[:, :, None] + offs_l).reshape(b, -1),
+    def _prefix_pass(self, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+        """(1) The frozen decoder over the whole sequence, no grad: (full-layer cache, last hidden states)."""
+        cache = DynamicCache()
+        with torch.no_grad():
+            hidden = self.decoder.base_model(
+                input_ids=input_ids, past_key_values=cache, use_cache=True
+            ).last_hidden_state
+        return cache, hidden
+
+    def coprocessor_layout(
+        self, positions: torch.Tensor, view_end: torch.Tensor, prefix_len: int
+    ) -> TraceLayout:
+        """Trace j's soft tokens at positions view_end_j+1..view_end_j+N_L, seeing prefix 0..view_end_j."""
+        b = positions.shape[0]
+        offs_l = torch.arange(1, self.num_latents + 1, device=positions.device)
+        return TraceLayout(
+            prefix_len=prefix_len,
+            trace_len=self.num_latents,
+            prefix_end_bp=view_end,
+            position_ids_bq=(view_end[:, :, None] + offs_l).reshape(b, -1),
         )
+
+    def trace_latents(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        prefix_hidden: torch.Tensor,
+        view_end: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(2) [B, P, N_L, H] latents of every trace: the coprocessor over P×N_L soft tokens appended
+        after the decoder's cache; trace j sees cache entries 0..view_end_j (default: its position)."""
+        b, n = input_ids.shape
+        p_count, n_l = positions.shape[1], self.num_latents
+        cop_layout = self.coprocessor_layout(positions, positions if view_end is None else view_end, n)
         cop_dtype = self.soft_tokens.dtype
         cop_mask = attention_masks(
             self.coprocessor.config, cop_layout, dtype=cop_dtype, implementation=self._impl()
         )
         soft = self.soft_tokens[None, None].expand(b, p_count, n_l, -1).reshape(b, p_count * n_l, -1)
         latents = self._coprocessor_states(soft, read_only_view(cache), cop_mask, cop_layout.position_ids_bq)
-        latents_bpld = latents.to(dec_dtype).view(b, p_count, n_l, -1)
+        dec_dtype = next(self.decoder.parameters()).dtype
+        return latents.to(dec_dtype).view(b, p_count, n_l, -1)
 
-        # (3) decoder over [latents, ahead tokens] of every trace.
+    def trace_loss(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        latents_bpld: torch.Tensor,
+        cache: DynamicCache,
+        num_ahead: int,
+    ) -> TrainingLossOutput:
+        """(3) The decoder over [latents, ahead tokens] of every trace; CE per ahead offset."""
+        b, n = input_ids.shape
+        p_count, n_l, n_a = positions.shape[1], latents_bpld.shape[2], num_ahead
+        device = input_ids.device
+        dec_dtype = next(self.decoder.parameters()).dtype
         if self.aug_config.convention == "insert":
             ahead_offsets = torch.arange(1, n_a, device=device)  # x[p+1 .. p+N_A-1]
             trace_pos = torch.arange(1, n_l + n_a, device=device)[None, None] + positions[:, :, None]
@@ -292,18 +345,17 @@ class CacheAugmentedLM(nn.Module):
         targets = torch.gather(
             input_ids, 1, (positions[:, :, None] + torch.arange(1, n_a + 1, device=device)).reshape(b, -1)
         )
-        weight, softcap = lm_head_of(self.decoder)
-        ce = chunked_cross_entropy(
-            hidden_bpah.reshape(-1, hidden.shape[-1]),
-            targets.reshape(-1),
-            weight,
-            softcap,
-            self.aug_config.loss_chunk_size,
-        )
+        ce = self.token_ce(hidden_bpah.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
         per_offset = ce.view(-1, n_a).mean(0)
         return TrainingLossOutput(
             loss=per_offset.mean(), loss_per_offset=per_offset, num_predictions=ce.numel()
         )
+
+    def token_ce(self, hidden_mh: torch.Tensor, targets_m: torch.Tensor) -> torch.Tensor:
+        """Per-row CE [M] through the decoder's LM head, in chunks (the head's weight is read directly:
+        it is frozen and never partitioned)."""
+        weight, softcap = lm_head_of(self.decoder)
+        return chunked_cross_entropy(hidden_mh, targets_m, weight, softcap, self.aug_config.loss_chunk_size)
 
     def forward(self, input_ids, positions, num_ahead) -> TrainingLossOutput:
         return self.training_loss(input_ids, positions, num_ahead)
@@ -314,6 +366,11 @@ class CacheAugmentedLM(nn.Module):
         soft = self.soft_tokens[None].expand(batch, -1, -1)
         return self._coprocessor_states(soft, clone_cache(cache))
 
+    def latents_for_prompt(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """[B, N_L, H] latents after the prompt ``input_ids`` whose decoder cache is ``cache`` (the
+        coprocessor needs only the cache; the "activations" variant reads the prompt itself)."""
+        return self.latents_for_cache(cache, input_ids.shape[0])
+
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
         """Read the prompt, write N_L latents into the decoder's cache. Continue with plain HF calls
@@ -323,7 +380,7 @@ class CacheAugmentedLM(nn.Module):
         dec_dtype = next(self.decoder.parameters()).dtype
         if self.aug_config.convention == "insert":
             cache = self._prefix_cache(input_ids, full_layers=False)
-            latents = self.latents_for_cache(cache, b).to(dec_dtype)
+            latents = self.latents_for_prompt(input_ids, cache).to(dec_dtype)
             out = self.decoder(inputs_embeds=latents, past_key_values=cache, use_cache=True)
             return AugmentOutput(cache, out.logits[:, -1].float(), latents, n + self.num_latents)
         # refeed: latents from the cache of x[0..p]; decoder cache keeps x[0..p-1], then [z, x[p]].
@@ -338,7 +395,7 @@ class CacheAugmentedLM(nn.Module):
             use_cache=True,
             position_ids=torch.full((b, 1), n - 1, device=input_ids.device),
         )
-        latents = self.latents_for_cache(seen, b).to(dec_dtype)
+        latents = self.latents_for_prompt(input_ids, seen).to(dec_dtype)
         last = self.decoder.get_input_embeddings()(input_ids[:, -1:])
         pos = torch.cat([torch.arange(n, n + self.num_latents), torch.tensor([n - 1])]).to(input_ids.device)
         out = self.decoder(
@@ -405,28 +462,21 @@ class CacheAugmentedLM(nn.Module):
         save_file(
             {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
         )
-        meta = {"augment": asdict(self.aug_config), "decoder": decoder_fingerprint(self.decoder.config)}
+        self._write_meta(directory)
+
+    def _write_meta(self, directory: Path) -> None:
+        meta = {
+            "variant": self.variant_name,
+            "variant_options": self.variant_options(),
+            "augment": asdict(self.aug_config),
+            "decoder": decoder_fingerprint(self.decoder.config),
+        }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, decoder: nn.Module) -> CacheAugmentedLM:
         directory = Path(directory)
-        meta_path = directory / CONFIG_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved CacheAugmentedLM: {CONFIG_NAME} is missing")
-        try:
-            meta = json.loads(meta_path.read_text())
-            config = AugmentConfig(**meta["augment"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{meta_path}: unreadable or invalid: {e}") from e
-        have = decoder_fingerprint(decoder.config)
-        if meta.get("decoder") != have:
-            diff = {
-                k: (meta.get("decoder", {}).get(k), v)
-                for k, v in have.items()
-                if meta.get("decoder", {}).get(k) != v
-            }
-            raise ValueError(f"{directory}: was trained for another decoder; (saved, given) differ in {diff}")
+        meta, config = read_export_meta(directory, decoder, cls.variant_name)
         cop_dir = directory / COPROCESSOR_DIR
         try:
             cop = AutoModel.from_config(AutoConfig.from_pretrained(cop_dir))
@@ -438,7 +488,41 @@ class CacheAugmentedLM(nn.Module):
             raise ValueError(f"{directory}: cannot load the coprocessor or soft tokens: {e}") from e
         dtype = next(decoder.parameters()).dtype
         cop = cop.to(dtype=dtype, device=_device_of(decoder))
-        return cls(decoder, cop, soft.to(dtype=dtype, device=_device_of(decoder)), config)
+        model = cls(decoder, cop, soft.to(dtype=dtype, device=_device_of(decoder)), config)
+        model.apply_variant_options(meta.get("variant_options", {}))
+        return model
+
+    def apply_variant_options(self, options: dict) -> None:
+        """Restore what :meth:`variant_options` saved."""
+
+
+def read_export_meta(
+    directory: Path, decoder: nn.Module, variant: str | None = None
+) -> tuple[dict, AugmentConfig]:
+    """(meta, AugmentConfig) of an export, checked against the decoder (and the expected variant)."""
+    meta_path = directory / CONFIG_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved CacheAugmentedLM: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = AugmentConfig(**meta["augment"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path}: unreadable or invalid: {e}") from e
+    saved_variant = meta.get("variant", "coprocessor")
+    if variant is not None and saved_variant != variant:
+        raise ValueError(
+            f"{directory} holds variant {saved_variant!r}, not {variant!r}: load it with "
+            "dist_cacheaug.variants.load_pretrained"
+        )
+    have = decoder_fingerprint(decoder.config)
+    if meta.get("decoder") != have:
+        diff = {
+            k: (meta.get("decoder", {}).get(k), v)
+            for k, v in have.items()
+            if meta.get("decoder", {}).get(k) != v
+        }
+        raise ValueError(f"{directory}: was trained for another decoder; (saved, given) differ in {diff}")
+    return meta, config
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

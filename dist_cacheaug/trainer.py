@@ -34,8 +34,9 @@ from .data import build_eval_loader, build_train_loader
 from .decoder import build_decoder
 from .estimate import flops_per_sequence
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
-from .model import CacheAugmentedLM, sample_positions
+from .model import sample_positions
 from .validation import eval_samples_for, summarize, validation_sums
+from .variants import build_trainable
 
 
 class TrainingAborted(RuntimeError):
@@ -157,18 +158,10 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> No
     accum = cfg.grad_accum_steps(world)
     m = cfg.model
 
-    # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it.
+    # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it
+    #    (``model.variant``: the coprocessor, or a baseline/ablation from ``variants/``).
     decoder = build_decoder(m, device=device, seed=cfg.train.seed)
-    model = CacheAugmentedLM.from_decoder(
-        decoder,
-        m.num_latents,
-        coprocessor_init=m.coprocessor_init,
-        convention=m.convention,
-        latent_final_norm=m.latent_final_norm,
-        soft_token_init=m.soft_token_init,
-        loss_chunk_size=m.loss_chunk_size,
-        seed=cfg.train.seed,
-    )
+    model = build_trainable(cfg, decoder)
     if cfg.zero.activation_checkpointing:
         model.enable_activation_checkpointing()
 
@@ -267,7 +260,7 @@ def _loop(
         stopping = r["stop"] and not done
         values = {}
         if t.eval_interval and cfg.data.val_shards and (state.step % t.eval_interval == 0 or done):
-            values.update(_evaluate(cfg, env, device, eng, model.decoder))
+            values.update(_evaluate(cfg, env, device, eng, model.baseline_decoder))
         if values or done or stopping or state.step % t.log_interval == 0:
             values = {
                 "loss": r["loss"],
@@ -369,7 +362,7 @@ def _evaluate(cfg, env, device, eng, decoder) -> dict:
 def _save(cfg, env, eng, model, loader, pos_gen, state: TrainState, *, final: bool) -> None:
     local = _local_state(loader, pos_gen)
     if final:  # proof for tests and users that the frozen decoder never changed
-        local["decoder_digest"] = checkpoint.decoder_digest(model.decoder)
+        local["decoder_digest"] = checkpoint.decoder_digest(model.baseline_decoder)
     global_state = {
         "step": state.step,
         "scheduler": eng.scheduler.state_dict(),
@@ -390,8 +383,9 @@ def _save(cfg, env, eng, model, loader, pos_gen, state: TrainState, *, final: bo
 
 
 def _export(cfg, env, eng, model, log) -> None:
-    """``run_dir/export``: the consolidated coprocessor + soft tokens (``CacheAugmentedLM.save_pretrained``),
-    loadable with ``CacheAugmentedLM.from_pretrained(dir, decoder=...)`` without DeepSpeed. Collective."""
+    """``run_dir/export``: the consolidated trainable part (``save_pretrained`` of the variant: for the
+    default, the coprocessor + soft tokens), loadable with ``variants.load_pretrained(dir, decoder=...)``
+    (``CacheAugmentedLM.from_pretrained`` for the default) without DeepSpeed. Collective."""
     from .engine import gathered
 
     run_dir = Path(cfg.train.run_dir)

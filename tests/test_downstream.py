@@ -223,3 +223,54 @@ def test_downstream_cli(tiny_world, tmp_path, capsys):  # noqa: F811
     assert "exact match strict" in capsys.readouterr().out
     assert main(["downstream", "--checkpoint", str(tiny_world["run"])]) == 2
     assert "at least one task file" in capsys.readouterr().err
+
+
+# ---- zero-shot chain of thought (paper Table 4 baseline) --------------------------------------------------
+def test_zero_shot_cot_prompt_budget_and_answer_from_the_reasoning(monkeypatch):
+    tok = CharTokenizer()
+    items = ds.load_gsm8k(FIXTURES / "gsm8k_tiny.jsonl")[:2]
+    seen = []
+
+    def fake_generate(model, input_ids, max_new_tokens, **kw):
+        seen.append((tok.decode(input_ids[0].tolist()), max_new_tokens))
+        text = (
+            " ada has 3, buys 4: 3 + 4 = 7. the answer is 7." if len(seen) == 1 else " so 10 - 3 = 7.\n#### 7"
+        )
+        return torch.cat([input_ids, torch.tensor([tok.encode(text)])], 1)
+
+    monkeypatch.setattr(ds, "generate", fake_generate)
+    cot = "lets think step by step."  # (the character tokenizer has no capitals or apostrophes)
+    r = ds.evaluate_gsm8k(_model(), tok, items, cot=cot, max_new_tokens=ds.COT_NEW_TOKENS)
+    assert seen[0] == (
+        "Question: ada has 3 pens and buys 4 more. how many pens?\nAnswer: lets think step by step.",
+        512,
+    )
+    assert r["cot"] == cot and r["num_fewshot"] == 0
+    assert [p["flexible"] for p in r["predictions"]] == ["7", "7"]  # last number of the reasoning
+    assert r["exact_match_flexible"] == pytest.approx(1 / 2)  # item 2's target is 8
+
+
+def test_downstream_cli_cot_defaults_to_zero_shot_and_a_larger_budget(tiny_world, tmp_path, monkeypatch):  # noqa: F811
+    budgets = []
+
+    def fake_generate(model, input_ids, max_new_tokens, **kw):
+        budgets.append(max_new_tokens)
+        return input_ids
+
+    monkeypatch.setattr(ds, "generate", fake_generate)
+    out = tmp_path / "cot.json"
+    rc = main(
+        ["downstream", "--checkpoint", str(tiny_world["run"]), "--gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"),
+         "--cot", "--limit", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())["gsm8k"]
+    assert res["num_fewshot"] == 0 and res["n"] == 2 and res["cot"] == ds.COT_PROMPT
+    assert budgets == [ds.COT_NEW_TOKENS] * 2
+    rc = main(
+        ["downstream", "--checkpoint", str(tiny_world["run"]), "--gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"),
+         "--cot", "--cot-prompt", "Think.", "--num-fewshot", "1", "--max-new-tokens", "7", "--limit", "1",
+         "--out", str(out), "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    res = json.loads(out.read_text())["gsm8k"]
+    assert rc == 0 and res["num_fewshot"] == 1 and res["cot"] == "Think." and budgets[-1] == 7

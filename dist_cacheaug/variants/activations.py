@@ -1,0 +1,42 @@
+"""Input variant: the coprocessor reads the decoder's last-layer activations instead of its kv-cache.
+
+Our design (the paper gives one sentence): the coprocessor runs over the frozen decoder's final hidden
+states h[0..n-1] (after its final norm) as input embeddings, building *its own* cache (with gradient:
+the coprocessor is trainable), then over the soft tokens of every trace with the core's per-trace mask
+on that cache (trace j sees h[0..p_j]). Latents, positions and the decoder's trace pass are the core's.
+At inference the same: coprocessor over [h of the prompt, soft tokens], plain HF cached calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from ..model import CacheAugmentedLM
+
+
+class ActivationsInputLM(CacheAugmentedLM):
+    variant_name = "activations"
+
+    def _coprocessor_prefix(self, hidden: torch.Tensor, cache: DynamicCache) -> DynamicCache:
+        self.coprocessor(
+            inputs_embeds=hidden.to(self.soft_tokens.dtype), past_key_values=cache, use_cache=True
+        )
+        return cache
+
+    def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:
+        cop_cache = self._coprocessor_prefix(
+            prefix_hidden, DynamicCache()
+        )  # full layers: windowed by the mask
+        return super().trace_latents(input_ids, positions, cop_cache, prefix_hidden, view_end)
+
+    def latents_for_prompt(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        hidden = self.decoder.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        cop_cache = self._coprocessor_prefix(hidden, DynamicCache(config=self.coprocessor.config))
+        soft = self.soft_tokens[None].expand(input_ids.shape[0], -1, -1)
+        return self._coprocessor_states(soft, cop_cache)
+
+    def latents_for_cache(self, cache, batch):
+        raise NotImplementedError(
+            "the activations variant reads the prompt's hidden states: use latents_for_prompt"
+        )

@@ -1,0 +1,82 @@
+"""Pause tokens (paper Table 3): N_L trainable embeddings inserted after x[p] and read by the frozen
+decoder, trained with the same multi-position objective; no coprocessor.
+
+Exactly the core's batched trace pass with latents := the pause embeddings (the same for every
+position), so the masks, position ids and both conventions are the core's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from ..model import (
+    SOFT_TOKENS_NAME,
+    AugmentConfig,
+    CacheAugmentedLM,
+    _checkpoint_layers,
+    _device_of,
+    _init_soft_tokens,
+    read_export_meta,
+)
+
+
+class PauseTokensLM(CacheAugmentedLM):
+    variant_name = "pause"
+
+    @classmethod
+    def from_decoder(
+        cls,
+        decoder,
+        num_latents: int = 16,
+        *,
+        convention: str = "insert",
+        soft_token_init: str = "embedding_sample",
+        loss_chunk_size: int = 4096,
+        seed: int = 0,
+    ) -> PauseTokensLM:
+        config = AugmentConfig(
+            num_latents=num_latents,
+            convention=convention,
+            soft_token_init=soft_token_init,
+            loss_chunk_size=loss_chunk_size,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        dtype = next(decoder.parameters()).dtype
+        soft = _init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
+            dtype=dtype, device=_device_of(decoder)
+        )
+        return cls(decoder, None, soft, config)
+
+    def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:
+        b, p_count = positions.shape
+        dtype = next(self.decoder.parameters()).dtype
+        return self.soft_tokens.to(dtype)[None, None].expand(b, p_count, -1, -1)
+
+    def latents_for_cache(self, cache: DynamicCache, batch: int) -> torch.Tensor:
+        return self.soft_tokens[None].expand(batch, -1, -1)
+
+    def enable_activation_checkpointing(self) -> None:
+        _checkpoint_layers(self.decoder.base_model.layers)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
+        )
+        self._write_meta(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, decoder) -> PauseTokensLM:
+        directory = Path(directory)
+        _, config = read_export_meta(directory, decoder, cls.variant_name)
+        try:
+            soft = load_file(str(directory / SOFT_TOKENS_NAME))["soft_tokens"]
+        except (OSError, KeyError) as e:
+            raise ValueError(f"{directory}: cannot load the pause tokens: {e}") from e
+        dtype = next(decoder.parameters()).dtype
+        return cls(decoder, None, soft.to(dtype=dtype, device=_device_of(decoder)), config)

@@ -1,0 +1,119 @@
+"""Single-model latents (Coda-Forno et al. 2025): no second model. The decoder itself, finetuned jointly
+with N_L trainable soft tokens, reads its own cache of x[0..p] and writes the latents, then reads
+[latents, ahead tokens] as in the core's trace pass. Same objective (ahead-token CE); the gradient
+reaches the decoder through all three passes (its prefix pass runs with grad too).
+
+So the decoder is part of the trainable module here (registered as ``lm``; ``.decoder`` returns it);
+the frozen original is kept as ``baseline_decoder`` for the baseline numbers. Latents are the decoder's
+final-norm states (``latent_final_norm`` does not apply: the norm is shared with the LM head).
+The export is the finetuned decoder (an HF model dir under ``decoder/``) + soft tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from ..model import (
+    SOFT_TOKENS_NAME,
+    AugmentConfig,
+    CacheAugmentedLM,
+    _checkpoint_layers,
+    _device_of,
+    _init_soft_tokens,
+    read_export_meta,
+)
+from ._common import head_cross_entropy, unfreeze
+
+DECODER_DIR = "decoder"
+
+
+class SingleModelLM(CacheAugmentedLM):
+    variant_name = "single_model"
+
+    def __init__(self, lm: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig, baseline: nn.Module):
+        nn.Module.__init__(self)
+        self.lm = unfreeze(lm)
+        self.soft_tokens = nn.Parameter(soft_tokens)
+        self.aug_config = config
+        object.__setattr__(self, "_baseline", baseline)  # frozen, outside the engine
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.lm
+
+    @property
+    def coprocessor(self) -> nn.Module:
+        return self.lm.base_model
+
+    @property
+    def baseline_decoder(self) -> nn.Module:
+        return self._baseline
+
+    @classmethod
+    def from_decoder(
+        cls,
+        decoder,
+        num_latents: int = 16,
+        *,
+        convention: str = "insert",
+        soft_token_init: str = "embedding_sample",
+        loss_chunk_size: int = 4096,
+        seed: int = 0,
+    ) -> SingleModelLM:
+        config = AugmentConfig(
+            num_latents=num_latents,
+            convention=convention,
+            soft_token_init=soft_token_init,
+            loss_chunk_size=loss_chunk_size,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        dtype = next(decoder.parameters()).dtype
+        soft = _init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
+            dtype=dtype, device=_device_of(decoder)
+        )
+        return cls(copy.deepcopy(decoder), soft, config, decoder)
+
+    def _prefix_pass(self, input_ids: torch.Tensor):
+        cache = DynamicCache()  # with grad: joint finetuning reaches the decoder through its cache too
+        hidden = self.lm.base_model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        return cache, hidden
+
+    def token_ce(self, hidden_mh, targets_m):
+        return head_cross_entropy(self.lm, hidden_mh, targets_m)
+
+    def enable_activation_checkpointing(self) -> None:
+        _checkpoint_layers(self.lm.base_model.layers)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(directory / DECODER_DIR)
+        save_file(
+            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
+        )
+        self._write_meta(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, decoder) -> SingleModelLM:
+        """``decoder``: the original (frozen) decoder; the finetuned one is read from the export."""
+        directory = Path(directory)
+        _, config = read_export_meta(directory, decoder, cls.variant_name)
+        dtype = next(decoder.parameters()).dtype
+        attn = getattr(decoder.config, "_attn_implementation", None) or "eager"
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(
+                directory / DECODER_DIR, dtype=dtype, attn_implementation=attn
+            )
+            soft = load_file(str(directory / SOFT_TOKENS_NAME))["soft_tokens"]
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{directory}: cannot load the finetuned decoder or soft tokens: {e}") from e
+        device = _device_of(decoder)
+        return cls(lm.to(device), soft.to(dtype=dtype, device=device), config, decoder)

@@ -25,10 +25,9 @@ from ..model import (
     CacheAugmentedLM,
     _checkpoint_layers,
     _device_of,
-    _init_soft_tokens,
     read_export_meta,
 )
-from ._common import head_cross_entropy, unfreeze
+from ._common import coprocessor_free_setup, head_cross_entropy, unfreeze
 
 DECODER_DIR = "decoder"
 
@@ -66,16 +65,8 @@ class SingleModelLM(CacheAugmentedLM):
         loss_chunk_size: int = 4096,
         seed: int = 0,
     ) -> SingleModelLM:
-        config = AugmentConfig(
-            num_latents=num_latents,
-            convention=convention,
-            soft_token_init=soft_token_init,
-            loss_chunk_size=loss_chunk_size,
-        )
-        gen = torch.Generator().manual_seed(seed)
-        dtype = next(decoder.parameters()).dtype
-        soft = _init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
-            dtype=dtype, device=_device_of(decoder)
+        config, soft = coprocessor_free_setup(
+            decoder, num_latents, convention, soft_token_init, loss_chunk_size, seed
         )
         return cls(copy.deepcopy(decoder), soft, config, decoder)
 

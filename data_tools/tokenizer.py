@@ -89,7 +89,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        # A model's embedding table may be larger than the tokenizer (padded vocabularies); ids past
+        # the tokenizer's range decode as unk instead of failing inside sentencepiece.
+        n, unk = self.vocab_size, self.sp.unk_id()
+        return self.sp.decode([int(i) if 0 <= int(i) < n else unk for i in ids])
 
     def __getstate__(self):  # picklable for multiprocessing: reload from the file
         return {"model_file": self.model_file, "path": self.path}

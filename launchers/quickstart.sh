@@ -29,7 +29,8 @@ fi
 echo "[quickstart] 2/3 training a coprocessor (configs/tiny_cpu.yaml) -> $RUN/train"
 "$VENV/bin/cacheaug" train --config configs/tiny_cpu.yaml \
     --set train.run_dir="$RUN/train" --set data.train_shards="[$DATA/shards]" \
-    --set data.val_shards="[$DATA/shards]" --set data.tokenizer="$DATA/tokenizer" "$@"
+    --set data.val_shards="[$DATA/shards]" --set data.tokenizer="$DATA/tokenizer" \
+    --set model.decoder_config.vocab_size=512 "$@"
 echo "[quickstart] 3/3 done"
 echo "  metrics:     $RUN/train/metrics.jsonl"
 echo "  export:      $RUN/train/export   (CacheAugmentedLM.from_pretrained)"

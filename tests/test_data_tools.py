@@ -285,3 +285,14 @@ def test_refuses_to_overwrite(tok_dir, corpus, tmp_path):
         make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False)
     make_shards(tok_dir, files, str(tmp_path), seq_len=128, overwrite=True, progress=False)
     assert read_manifest(str(tmp_path))["seq_len"] == 128
+
+
+def test_decode_maps_ids_past_the_tokenizer_to_unk(tmp_path):
+    from data_tools import load_tokenizer, train_tokenizer
+
+    docs = [f"line {i} of a small corpus with words" for i in range(200)]
+    train_tokenizer(iter(docs), str(tmp_path / "tok"), vocab_size=320, byte_fallback=True, num_threads=1)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    ids = tok.encode("line 7")
+    assert tok.decode(ids) == "line 7"
+    assert tok.decode([*ids, tok.vocab_size + 5]) == tok.decode([*ids, tok.unk_id])

@@ -65,34 +65,39 @@ CASES = [  # (family, convention, n_l, n_a, P)
 ]
 
 
-@pytest.mark.parametrize("family,convention,n_l,n_a,num_pos", CASES)
-def test_batched_pass_equals_one_trace_at_a_time(family, convention, n_l, n_a, num_pos):
-    gen = torch.Generator().manual_seed(hash((family, convention, n_l, n_a)) % 1000)
-    decoder = tiny_decoder(family)
-    model = CacheAugmentedLM.from_decoder(decoder, num_latents=n_l, convention=convention, seed=1)
-    seq_len, batch = 24, 2  # sliding windows (7 / 9) are crossed within the sequence
+def check_batched_equals_reference(model, reference, n_a=3, num_pos=6, seq_len=24, batch=2, seed=0):
+    """Loss per offset and gradients of the batched pass equal the mean over one-trace ``reference``
+    runs (``reference(model, ids_1n, p, n_a) -> CE [n_a]``), first and last valid positions included."""
+    gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, seq_len), generator=gen)
     positions = positions_with_edges(batch, seq_len, num_pos, n_a, gen)
-
     out = model.training_loss(ids, positions, n_a)
     out.loss.backward()
-    batched_grads = trainable_grads(model)
+    batched = trainable_grads(model)
     model.zero_grad(set_to_none=True)
-
-    ref_ce = torch.stack(
-        [reference_trace_ce(model, ids[b : b + 1], int(p), n_a) for b in range(batch) for p in positions[b]]
-    )  # [B*P, N_A]
-    ref_per_offset = ref_ce.mean(0)
-    ref_per_offset.mean().backward()
+    ref = torch.stack(
+        [reference(model, ids[b : b + 1], int(p), n_a) for b in range(batch) for p in positions[b]]
+    )
+    ref.mean(0).mean().backward()
     ref_grads = trainable_grads(model)
-
-    torch.testing.assert_close(out.loss_per_offset, ref_per_offset, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss_per_offset, ref.mean(0), atol=1e-5, rtol=1e-5)
     assert out.loss_per_offset.shape == (n_a,)
-    assert batched_grads.keys() == ref_grads.keys() and "soft_tokens" in batched_grads
-    for name, g in batched_grads.items():
+    assert batched.keys() == ref_grads.keys() and "soft_tokens" in batched
+    for name, g in batched.items():
         torch.testing.assert_close(
             g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize("family,convention,n_l,n_a,num_pos", CASES)
+def test_batched_pass_equals_one_trace_at_a_time(family, convention, n_l, n_a, num_pos):
+    model = CacheAugmentedLM.from_decoder(
+        tiny_decoder(family), num_latents=n_l, convention=convention, seed=1
+    )
+    # seq 24: the tiny sliding windows (7 / 9) are crossed within the sequence
+    check_batched_equals_reference(
+        model, reference_trace_ce, n_a=n_a, num_pos=num_pos, seed=hash((family, convention, n_l, n_a)) % 1000
+    )
 
 
 def test_mask_mistake_is_detected():

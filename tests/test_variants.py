@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_core import positions_with_edges, reference_trace_ce, trainable_grads
+from test_core import check_batched_equals_reference, reference_trace_ce
 from test_trainer import metrics, run_train
 from tiny_models import VOCAB, tiny_decoder
 from train_helpers import tiny_run_config
@@ -33,28 +33,6 @@ from dist_cacheaug.variants import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check_batched_equals_reference(model, reference, n_a=3, num_pos=6, seq_len=24, batch=2, seed=0):
-    """Loss per offset and gradients of the batched pass equal the mean over one-trace references."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq_len), generator=gen)
-    positions = positions_with_edges(batch, seq_len, num_pos, n_a, gen)
-    out = model.training_loss(ids, positions, n_a)
-    out.loss.backward()
-    batched = trainable_grads(model)
-    model.zero_grad(set_to_none=True)
-    ref = torch.stack(
-        [reference(model, ids[b : b + 1], int(p), n_a) for b in range(batch) for p in positions[b]]
-    )
-    ref.mean(0).mean().backward()
-    ref_grads = trainable_grads(model)
-    torch.testing.assert_close(out.loss_per_offset, ref.mean(0), atol=1e-5, rtol=1e-5)
-    assert batched.keys() == ref_grads.keys() and "soft_tokens" in batched
-    for name, g in batched.items():
-        torch.testing.assert_close(
-            g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
-        )
-
-
 # ---------------------------------------------------------------------------------------------- pause
 def pause_reference(model, ids_1n, p, n_a):
     """One trace: HF cache of x[0..p], then the pause embeddings and the ahead tokens, plain HF."""
@@ -71,7 +49,7 @@ def pause_reference(model, ids_1n, p, n_a):
 def test_pause_batched_equals_one_trace_at_a_time(family, n_l):
     model = PauseTokensLM.from_decoder(tiny_decoder(family), num_latents=n_l, seed=1)
     assert [n for n, _ in model.named_parameters()] == ["soft_tokens"]  # no coprocessor
-    _check_batched_equals_reference(model, pause_reference)
+    check_batched_equals_reference(model, pause_reference)
 
 
 def test_pause_refeed_matches_core_with_pause_latents():
@@ -83,7 +61,7 @@ def test_pause_refeed_matches_core_with_pause_latents():
             return type("O", (), {"last_hidden_state": inputs_embeds})()
 
     model.coprocessor = Identity()  # what reference_trace_ce calls
-    _check_batched_equals_reference(model, reference_trace_ce)
+    check_batched_equals_reference(model, reference_trace_ce)
 
 
 # ---------------------------------------------------------------------------------------------- async
@@ -106,7 +84,7 @@ def async_reference(model, ids_1n, p, n_a):
 @pytest.mark.parametrize("family,delay", [("gemma2", 1), ("gemma2", 3), ("llama", 2)])
 def test_async_batched_equals_one_trace_at_a_time(family, delay):
     model = AsyncLatentsLM.from_decoder(tiny_decoder(family), num_latents=3, delay=delay, seed=1)
-    _check_batched_equals_reference(model, async_reference, seed=delay)
+    check_batched_equals_reference(model, async_reference, seed=delay)
 
 
 @pytest.mark.parametrize("delay", [1, 2])
@@ -143,7 +121,7 @@ def activations_reference(model, ids_1n, p, n_a):
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_activations_batched_equals_one_trace_at_a_time(family):
     model = ActivationsInputLM.from_decoder(tiny_decoder(family), num_latents=2, seed=1)
-    _check_batched_equals_reference(model, activations_reference, num_pos=4)
+    check_batched_equals_reference(model, activations_reference, num_pos=4)
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():  # augment() reads the prompt's activations the same way
         loss = model.training_loss(ids, torch.tensor([[9]]), 1).loss_per_offset[0]

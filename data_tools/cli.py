@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         "--special-tokens", nargs="*", default=[], metavar="TOK", help="extra user-defined symbols"
     )
     t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--split-digits", action="store_true", help="every digit is its own piece")
     t.add_argument("--max-sentences", type=int, default=5_000_000, help="sample at most this many lines")
     t.add_argument("--jsonl-field", default="text")
     t.add_argument(
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.workers,
             inputs=files,
             verbose=args.verbose,
+            split_digits=args.split_digits,
         )
         print(f"wrote {args.out}/tokenizer.model: vocab {tok.vocab_size}, identity {tok.identity}")
     elif args.command == "make-shards":

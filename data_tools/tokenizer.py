@@ -61,6 +61,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of the vocabulary entry spelled exactly ``piece``, or None if there is none."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}(path={self.path!r}, vocab_size={self.vocab_size}, identity={self.identity!r})"
@@ -93,6 +97,10 @@ class SentencePieceTokenizer(Tokenizer):
         # the tokenizer's range decode as unk instead of failing inside sentencepiece.
         n, unk = self.vocab_size, self.sp.unk_id()
         return self.sp.decode([int(i) if 0 <= int(i) < n else unk for i in ids])
+
+    def piece_id(self, piece: str) -> int | None:
+        i = int(self.sp.piece_to_id(piece))
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
 
     def __getstate__(self):  # picklable for multiprocessing: reload from the file
         return {"model_file": self.model_file, "path": self.path}
@@ -129,6 +137,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.tok.get_vocab().get(piece)
 
     def __getstate__(self):
         return {"path": self.path}
@@ -184,12 +195,14 @@ def train_tokenizer(
     num_threads: int | None = None,
     inputs: list[str] | None = None,
     verbose: bool = False,
+    split_digits: bool = False,
 ) -> SentencePieceTokenizer:
     """Train a sentencepiece model; writes ``out_dir/tokenizer.model`` and ``tokenizer_meta.json``.
 
     Identity normalization and no whitespace collapsing, so ``decode(encode(text)) == text`` for text
     the model covers; ``"\\n"`` is a user-defined symbol (documents keep their line breaks even without
-    byte fallback). Ids: pad=0, eos=1, bos=2, unk=3.
+    byte fallback). Ids: pad=0, eos=1, bos=2, unk=3. ``split_digits``: every digit is its own piece
+    (numbers are read and written digit by digit, as arithmetic wants).
     """
     import sentencepiece as spm
 
@@ -225,6 +238,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             character_coverage=character_coverage,
+            split_digits=split_digits,
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=max_bytes,
@@ -255,6 +269,7 @@ def train_tokenizer(
         "byte_fallback": byte_fallback,
         "special_tokens": specials,
         "character_coverage": character_coverage,
+        "split_digits": split_digits,
         "seed": seed,
         "training_sentences": n_sentences,
         "inputs": list(inputs or []),

@@ -326,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     _add_eval_parsers(sub)
 
+    p = sub.add_parser(
+        "demo",
+        add_help=False,
+        help="the main job: corpus -> tokenizer -> base -> coprocessors + baselines -> report (--budget quick|full)",
+    )
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="see `cacheaug demo --help`")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("slurm", help="render an sbatch job for a run and submit it (or print it: --dry-run)")
     _add_config_args(p, positional=True)
     p.add_argument("--nodes", type=int, default=1)
@@ -348,7 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # its own parser (argparse's REMAINDER drops leading options such as --help)
+        from .demo import main as demo_main
+
+        try:
+            return demo_main(argv[1:])
+        except ConfigError as e:
+            print(f"cacheaug demo: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -63,6 +63,12 @@ class ModelConfig:
     #: N_A: tokens after each augmentation position that are predicted (and trained on).
     num_positions: int = 128
     #: P: augmentation positions sampled per sequence and trained in one pass.
+    anchor_text: str | None = None
+    #: Training positions may favour a marker: the text of ONE token of ``data.tokenizer`` (e.g. "####",
+    #: which precedes an answer). None: positions are uniform, as in the paper.
+    anchor_fraction: float = 0.5
+    #: With ``anchor_text``: the share of the P positions placed on the marker's occurrences in each
+    #: sequence (as many as it has, up to that share); the rest stay uniform over the other positions.
     convention: Literal["insert", "refeed"] = "insert"
     #: Position-id convention for latents (DESIGN.md §1): "insert" gives latents p+1..p+N_L and
     #: ahead tokens continue after them; "refeed" re-feeds x[p] after the latents at its own position.
@@ -447,6 +453,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not o.lr > 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if not 0 <= m.anchor_fraction <= 1:
+        raise ConfigError(f"model.anchor_fraction must be in [0, 1], got {m.anchor_fraction}")
+    if m.anchor_text is not None and not cfg.data.tokenizer:
+        raise ConfigError("model.anchor_text needs data.tokenizer (the marker is looked up in it)")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

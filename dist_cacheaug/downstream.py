@@ -171,11 +171,11 @@ def context_prefix(tokenizer, model: CacheAugmentedLM) -> list[int]:
 
 
 @torch.no_grad()
-def continuation_logprobs(
+def continuation_token_logprobs(
     model: CacheAugmentedLM, context_ids: list[int], continuations: list[list[int]], *, augment: bool = True
-) -> list[tuple[float, bool]]:
-    """(sum of log-probs, greedy?) of each continuation after the context; the context is read (and
-    augmented) once, each continuation from a copy of that cache."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per continuation: (log-prob of each of its tokens [len], greedy? per token [len] bool) after the
+    context; the context is read (and augmented) once, each continuation from a copy of that cache."""
     if not context_ids:
         raise ValueError("context_ids must not be empty")
     dec = model.decoder
@@ -200,10 +200,16 @@ def continuation_logprobs(
             logits = torch.cat([first, rest.logits[0].float()], 0)
         logp = F.log_softmax(logits, -1)
         target = torch.tensor(cont, device=device)
-        total = float(logp.gather(1, target[:, None]).sum())
-        greedy = bool((logp.argmax(-1) == target).all())
-        out.append((total, greedy))
+        out.append((logp.gather(1, target[:, None])[:, 0].cpu(), (logp.argmax(-1) == target).cpu()))
     return out
+
+
+def continuation_logprobs(
+    model: CacheAugmentedLM, context_ids: list[int], continuations: list[list[int]], *, augment: bool = True
+) -> list[tuple[float, bool]]:
+    """(sum of log-probs, greedy?) of each continuation after the context (lm-evaluation-harness's pair)."""
+    per_token = continuation_token_logprobs(model, context_ids, continuations, augment=augment)
+    return [(float(lp.sum()), bool(g.all())) for lp, g in per_token]
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str, *, augment: bool = True):

@@ -4,7 +4,7 @@ lm-eval finds models in its registry, so this module must be imported before it 
 Either run lm-eval through this module (same arguments as ``lm_eval``)::
 
     python -m dist_cacheaug.lm_eval_adapter run --model cacheaug \\
-        --model_args checkpoint=runs/tiny_cpu,tokenizer=runs/quickstart/tok --tasks arc_easy
+        --model_args checkpoint=runs/tiny_cpu,tokenizer=runs/demo_quick/data/tokenizer --tasks arc_easy
 
 or from Python: ``import dist_cacheaug.lm_eval_adapter`` then ``lm_eval.simple_evaluate(model="cacheaug",
 model_args="checkpoint=RUN_DIR")``. Model args: ``checkpoint`` (run or export dir), ``decoder``,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
 import sys
 import time
@@ -149,3 +150,17 @@ def progress_line(step: int, max_steps: int, r: dict) -> str:
     if "val_loss" in r:
         parts.append(f"val {_fmt(r['val_loss'], '.4f')} (base {_fmt(r.get('val_baseline'), '.4f')})")
     return " | ".join(parts)
+
+
+def machine_description() -> str:
+    """One line naming the machine a figure was measured on: CPU (or GPU), cores, torch, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"

@@ -127,16 +127,30 @@ def sample_positions(
     num_ahead: int,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    *,
+    anchor_mask: torch.Tensor | None = None,
+    anchor_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """[batch, P] sorted distinct augmentation positions, uniform over the valid range
-    0 <= p <= seq_len - 1 - num_ahead (every trace's targets lie inside the sequence)."""
+    """[batch, P] sorted distinct augmentation positions over the valid range
+    0 <= p <= seq_len - 1 - num_ahead (every trace's targets lie inside the sequence): uniform, or, with
+    ``anchor_mask`` ([batch, seq_len] bool, True where a marker token sits), up to
+    ``round(anchor_fraction * P)`` of them drawn from the marked valid positions and the rest uniform
+    over the unmarked ones."""
     valid = seq_len - num_ahead
     if num_positions > valid:
         raise ValueError(
             f"cannot sample {num_positions} positions from a {seq_len}-token sequence with num_ahead={num_ahead}"
             f" ({valid} valid positions)"
         )
-    rows = [torch.randperm(valid, generator=generator)[:num_positions].sort().values for _ in range(batch)]
+    n_anchor = round(anchor_fraction * num_positions) if anchor_mask is not None else 0
+    rows = []
+    for b in range(batch):
+        order = torch.randperm(valid, generator=generator)
+        if n_anchor:
+            marked = anchor_mask[b, :valid].cpu()[order]
+            # marked positions first (in random order), then the rest: the first P are the sample
+            order = torch.cat([order[marked][:n_anchor], order[~marked], order[marked][n_anchor:]])
+        rows.append(order[:num_positions].sort().values)
     return torch.stack(rows).to(device)
 
 

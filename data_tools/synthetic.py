@@ -45,6 +45,32 @@ def make_problem(rng: random.Random, steps: int) -> dict:
     return {"question": question, "steps": " ".join(work), "answer": value}
 
 
+def make_expression(rng: random.Random, steps: int) -> dict:
+    """A bare expression: ``steps`` additions/subtractions of 1-2-digit numbers to a 2-digit start,
+    evaluated left to right, never negative (the compact form of the demo's direct-answer arithmetic)."""
+    value = rng.randint(10, 99)
+    text, work = str(value), []
+    for _ in range(steps):
+        if value > 1 and rng.random() < 0.5:
+            n = rng.randint(1, min(99, value - 1))
+            op, new = "-", value - n
+        else:
+            n = rng.randint(1, 99)
+            op, new = "+", value + n
+        work.append(f"{value} {op} {n} = {new}.")
+        text += f" {op} {n}"
+        value = new
+    return {"question": f"{text} =", "steps": " ".join(work), "answer": value, "compact": True}
+
+
+def draw_problem(rng: random.Random, min_steps: int, max_steps: int, compact_fraction: float) -> dict:
+    """A word problem, or with probability ``compact_fraction`` a bare expression."""
+    steps = rng.randint(min_steps, max_steps)
+    if compact_fraction and rng.random() < compact_fraction:
+        return make_expression(rng, steps)
+    return make_problem(rng, steps)
+
+
 def format_problem(problem: dict, worked: bool) -> str:
     if worked:
         return f"Question: {problem['question']}\nAnswer: {problem['steps']}\n#### {problem['answer']}\n"
@@ -60,11 +86,15 @@ def write_arithmetic_corpus(
     min_steps: int = 1,
     max_steps: int = 3,
     problems_per_doc: int = 8,
+    compact_fraction: float = 0.0,
 ) -> Path:
     """Write ``docs`` jsonl documents (field ``text``), each several problems; also one problem per line in
-    ``<out>.problems.jsonl`` (question, answer, steps) for accuracy evaluation."""
+    ``<out>.problems.jsonl`` (question, answer, steps) for accuracy evaluation. ``compact_fraction``: the
+    share of problems that are bare expressions (``47 + 38 - 19 =``) rather than word problems."""
     if docs < 1 or not 0 <= worked_fraction <= 1 or not 1 <= min_steps <= max_steps:
         raise ValueError("docs >= 1, 0 <= worked_fraction <= 1 and 1 <= min_steps <= max_steps are required")
+    if not 0 <= compact_fraction <= 1:
+        raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction}")
     rng = random.Random(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +103,7 @@ def write_arithmetic_corpus(
         for _ in range(docs):
             parts = []
             for _ in range(problems_per_doc):
-                p = make_problem(rng, rng.randint(min_steps, max_steps))
+                p = draw_problem(rng, min_steps, max_steps, compact_fraction)
                 worked = rng.random() < worked_fraction
                 parts.append(format_problem(p, worked))
                 fp.write(json.dumps({**p, "worked": worked}) + "\n")

@@ -19,26 +19,32 @@ from pathlib import Path
 
 import torch
 
-from data_tools.synthetic import format_problem, make_problem
+from data_tools.synthetic import draw_problem, format_problem
 
 from .downstream import continuation_token_logprobs, encode_pair
 
 MARKER = "####"
 
 
-def heldout_problems(count: int, seed: int, exclude_questions: set[str], max_ops: int = 3) -> list[dict]:
+def heldout_problems(
+    count: int, seed: int, exclude_questions: set[str], max_ops: int = 3, compact_fraction: float = 0.0
+) -> list[dict]:
     """``count`` generated problems whose questions are not in ``exclude_questions`` (the training
-    corpus's), all distinct; the generator is the corpus's with another seed."""
+    corpus's), all distinct; the generator is the corpus's (same mix of kinds) with another seed."""
     rng = random.Random(seed)
     out, seen = [], set(exclude_questions)
     for _ in range(200 * count + 1000):
         if len(out) == count:
             return out
-        p = make_problem(rng, rng.randint(1, max_ops))
+        p = draw_problem(rng, 1, max_ops, compact_fraction)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)
     raise ValueError(f"could not draw {count} problems unseen in training (the problem space is exhausted)")
+
+
+def problem_kind(problem: dict) -> str:
+    return "expression" if problem.get("compact") else "word problem"
 
 
 def read_questions(problems_jsonl: str | Path) -> set[str]:

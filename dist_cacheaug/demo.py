@@ -66,6 +66,8 @@ class CorpusBudget:
     problems_per_doc: int = 8
     worked_fraction: float = 0.3
     #: Share of problems shown with worked steps (GSM8K format); the rest are answered directly.
+    compact_fraction: float = 0.0
+    #: Share of problems that are bare expressions ("47 + 38 - 19 =") instead of word problems.
     max_ops: int = 3
     #: Operations per problem, at most.
     vocab_size: int = 1024
@@ -157,6 +159,9 @@ def check_budget(b: Budget, where: Path) -> None:
         problems.append(
             f"corpus.heldout_problems must be >= 2 (paired statistics), got {b.corpus.heldout_problems}"
         )
+    for key in ("worked_fraction", "compact_fraction"):
+        if not 0 <= getattr(b.corpus, key) <= 1:
+            problems.append(f"corpus.{key} must be in [0, 1], got {getattr(b.corpus, key)}")
     if not 0 < b.corpus.val_fraction < 1:
         problems.append(f"corpus.val_fraction must be in (0, 1), got {b.corpus.val_fraction}")
     if b.eval.positions > seq_len - b.eval.max_k:
@@ -384,9 +389,16 @@ def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
             worked_fraction=c.worked_fraction,
             max_steps=c.max_ops,
             problems_per_doc=c.problems_per_doc,
+            compact_fraction=c.compact_fraction,
         )
         seen = read_questions(layout.arith.with_suffix(".problems.jsonl"))
-        problems = heldout_problems(c.heldout_problems, c.seed + 1_000_003, seen, max_ops=c.max_ops)
+        problems = heldout_problems(
+            c.heldout_problems,
+            c.seed + 1_000_003,
+            seen,
+            max_ops=c.max_ops,
+            compact_fraction=c.compact_fraction,
+        )
         tmp = layout.heldout.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in problems))
         tmp.replace(layout.heldout)
@@ -557,7 +569,7 @@ def describe(budget: Budget, layout: Layout) -> dict:
         "data": (
             f"{len(plays)} Shakespeare texts + {budget.corpus.arith_docs} arithmetic documents "
             f"({budget.corpus.problems_per_doc} problems each, {budget.corpus.worked_fraction:.0%} with worked "
-            f"steps); sentencepiece vocab {_vocab(layout)} (digits split); {splits['train']['num_tokens']:,} "
+            f"steps, {budget.corpus.compact_fraction:.0%} bare expressions); sentencepiece vocab {_vocab(layout)} (digits split); {splits['train']['num_tokens']:,} "
             f"training tokens in {splits['train']['num_samples']:,} sequences of {manifest['seq_len']}, "
             f"{splits['val']['num_samples']:,} validation sequences"
         ),
@@ -621,7 +633,10 @@ def main(argv=None) -> int:
     from .metrics import machine_description
 
     _log("6/6 report")
-    results = demo_report.aggregate(evals, budget.seeds, budget.eval.max_k)
+    from .answer_eval import problem_kind
+
+    kinds = [problem_kind(json.loads(x)) for x in layout.heldout.read_text().splitlines() if x.strip()]
+    results = demo_report.aggregate(evals, budget.seeds, budget.eval.max_k, kinds)
     first_traces = evals["latents_4"][budget.seeds[0]]["insertion"]["num_traces"]
     meta = {
         "command": os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv]),

@@ -26,7 +26,7 @@ def _spread(xs) -> float:
     return float(max(xs) - min(xs)) if len(xs) > 1 else 0.0
 
 
-def aggregate(evals: dict, seeds: list[int], max_k: int) -> dict:
+def aggregate(evals: dict, seeds: list[int], max_k: int, kinds: list[str] | None = None) -> dict:
     """results.json's numbers: means over seeds, per-seed values, spreads, paired comparisons."""
     names = list(evals)
     base_seed = seeds[0]
@@ -81,6 +81,24 @@ def aggregate(evals: dict, seeds: list[int], max_k: int) -> dict:
             seed_means = [_mean(evals[name][s]["answer"]["per_problem_ce"]) for s in seeds]
             r["answer_pairs"][name] = {"diff_vs_baseline": d, "se": se, "seed_spread": _spread(seed_means)}
             r["answer_loss_paired_se"][name] = se
+    # the same paired comparison within each kind of problem (bare expressions, word problems)
+    r["answer_by_kind"] = {}
+    for kind in sorted(set(kinds or [])):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if len(idx) < 2:
+            continue
+        row = {"num_problems": len(idx)}
+        base_k = [per_problem["baseline"][i] for i in idx]
+        row["baseline"] = {"per_problem_ce": _mean(base_k)}
+        for name in names:
+            if name != "baseline":
+                d, se = paired_difference([per_problem[name][i] for i in idx], base_k)
+                row[name] = {
+                    "per_problem_ce": _mean(per_problem[name][i] for i in idx),
+                    "diff_vs_baseline": d,
+                    "se": se,
+                }
+        r["answer_by_kind"][kind] = row
     r["checks"] = checks(r, max_k)
     return r
 
@@ -238,6 +256,26 @@ def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
             + (f"{per_seed} | " if multi else "")
             + f"{r['first_digit_loss'][name]:.4f} | {100 * r['exact_match'][name]:.1f}% |"
         )
+    if r.get("answer_by_kind"):
+        lines += [
+            "",
+            "By kind of problem (mean of per-problem answer CE; in brackets the paired difference vs the "
+            "frozen base ± its SE):",
+            "",
+            "| run | "
+            + " | ".join(f"{k} ({v['num_problems']})" for k, v in r["answer_by_kind"].items())
+            + " |",
+            "|---|" + "---:|" * len(r["answer_by_kind"]),
+        ]
+        for name in names:
+            cells = []
+            for row in r["answer_by_kind"].values():
+                v = row[name]
+                cell = f"{v['per_problem_ce']:.4f}"
+                if name != "baseline":
+                    cell += f" ({v['diff_vs_baseline']:+.4f} ± {v['se']:.4f})"
+                cells.append(cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"![answer loss]({ANSWER_PNG})",

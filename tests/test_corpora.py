@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 
 import pytest
 
 from data_tools import DataError
 from data_tools.shakespeare import extract_texts
-from data_tools.synthetic import make_problem, write_arithmetic_corpus
+from data_tools.synthetic import make_expression, make_problem, write_arithmetic_corpus
 
 
 def fake_sdist(path, files: dict[str, str]):
@@ -52,7 +53,6 @@ def test_extract_texts_errors_name_the_file(tmp_path):
 
 
 def test_arithmetic_problems_are_correct_and_seeded(tmp_path):
-    import random
 
     for seed in range(50):
         p = make_problem(random.Random(seed), steps=3)
@@ -69,3 +69,25 @@ def test_arithmetic_problems_are_correct_and_seeded(tmp_path):
     assert a == b and len(a.splitlines()) == 3
     doc = json.loads(a.splitlines()[0])["text"]
     assert "Question:" in doc and "#### " in doc
+
+
+def test_bare_expressions_are_correct_and_mixed_in(tmp_path):
+    rng = random.Random(3)
+    for _ in range(300):
+        p = make_expression(rng, rng.randint(1, 3))
+        tokens = p["question"].rstrip(" =").split()
+        value = int(tokens[0])
+        for op, n in zip(tokens[1::2], tokens[2::2]):
+            value = value + int(n) if op == "+" else value - int(n)
+            assert value >= 0
+        assert value == p["answer"] and p["compact"]
+    plain = write_arithmetic_corpus(tmp_path / "p.jsonl", docs=4, seed=2).read_text()
+    zero = write_arithmetic_corpus(tmp_path / "z.jsonl", docs=4, seed=2, compact_fraction=0.0).read_text()
+    assert plain == zero  # the option off draws exactly the word-problem corpus
+    mixed = tmp_path / "m.jsonl"
+    write_arithmetic_corpus(mixed, docs=20, seed=2, compact_fraction=0.5)
+    probs = [json.loads(x) for x in mixed.with_suffix(".problems.jsonl").read_text().splitlines()]
+    share = sum(bool(p.get("compact")) for p in probs) / len(probs)
+    assert 0.35 < share < 0.65
+    with pytest.raises(ValueError, match="compact_fraction"):
+        write_arithmetic_corpus(tmp_path / "x.jsonl", docs=1, compact_fraction=1.5)

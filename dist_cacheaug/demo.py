@@ -523,7 +523,8 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations) -> dict:
             _log(f"5/6 evaluating {name} seed {seed}")
             # the frozen base is read through a trained model with augmentation off (its decoder is the base)
             run_dir = layout.train_dir("latents_4" if name == "baseline" else name, seed)
-            model, _ = load_for_inference(run_dir, device=device)
+            # the base this pipeline trained, named explicitly (not looked up through the run's config)
+            model, _ = load_for_inference(run_dir, decoder=str(layout.base / "export"), device=device)
             loader = build_eval_loader(
                 [str(layout.shards)], seq_len=_seq_len(), batch_size=8, max_samples=e.sequences
             )
@@ -590,6 +591,12 @@ def describe(budget: Budget, layout: Layout) -> dict:
     }
 
 
+def first_date(layout: Layout) -> str | None:
+    """When this run directory's pipeline first ran (a resumed run keeps its original date)."""
+    old = layout.run / "results.json"
+    return json.loads(old.read_text()).get("date") if old.is_file() else None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cacheaug demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -642,10 +649,10 @@ def main(argv=None) -> int:
         "command": os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv]),
         "budget": budget.source,
         "machine": machine_description(),
-        "date": started.strftime("%Y-%m-%d %H:%M"),
+        "date": first_date(layout) or started.strftime("%Y-%m-%d %H:%M"),
         "durations_s": {k: round(v, 1) for k, v in durations.items()},
         "eval_traces": first_traces,
-        "tensorboard": f"tensorboard --logdir {layout.run}",
+        "tensorboard": f"tensorboard --logdir {_display(layout.run)}",
         **describe(budget, layout),
     }
     descriptions = {"baseline": "the frozen base, no augmentation", **{k: v[1] for k, v in RUNS.items()}}

@@ -13,7 +13,6 @@ The context starts with EOS because documents follow an EOS in the packed shards
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from data_tools.synthetic import draw_problem, format_problem
 
-from .downstream import continuation_token_logprobs, encode_pair
+from .downstream import continuation_token_logprobs, encode_pair, read_jsonl
 
 MARKER = "####"
 
@@ -48,8 +47,7 @@ def problem_kind(problem: dict) -> str:
 
 
 def read_questions(problems_jsonl: str | Path) -> set[str]:
-    with open(problems_jsonl) as f:
-        return {json.loads(line)["question"] for line in f if line.strip()}
+    return {row["question"] for row in read_jsonl(problems_jsonl)}
 
 
 def encode_problem(tokenizer, problem: dict) -> tuple[list[int], list[int], list[int]]:

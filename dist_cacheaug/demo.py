@@ -494,7 +494,7 @@ def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: i
     durations.add("runs_s", time.perf_counter() - t0)
 
 
-def stage_eval(budget: Budget, layout: Layout, durations: Durations) -> dict:
+def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: list[dict]) -> dict:
     """{name: {seed: eval dict}} plus the frozen base's numbers under "baseline"."""
     import torch
 
@@ -508,7 +508,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations) -> dict:
     t0 = time.perf_counter()
     device = "cuda" if _cuda() else "cpu"
     tok = load_tokenizer(str(layout.tokenizer))
-    problems = [json.loads(x) for x in layout.heldout.read_text().splitlines() if x.strip()]
     e = budget.eval
     out: dict = {}
     for seed in budget.seeds:
@@ -633,7 +632,10 @@ def main(argv=None) -> int:
     stage_tokens(budget, layout, durations)
     stage_base(budget, layout, durations)
     stage_runs(budget, layout, durations, parallel)
-    evals = stage_eval(budget, layout, durations)
+    from .downstream import read_jsonl  # (torch-heavy: not at import, so `--help` stays quick)
+
+    problems = read_jsonl(layout.heldout)  # the held-out problems, read once for evaluation and report
+    evals = stage_eval(budget, layout, durations, problems)
     durations["total_s"] = durations.total()
 
     from . import demo_report
@@ -642,7 +644,7 @@ def main(argv=None) -> int:
     _log("6/6 report")
     from .answer_eval import problem_kind
 
-    kinds = [problem_kind(json.loads(x)) for x in layout.heldout.read_text().splitlines() if x.strip()]
+    kinds = [problem_kind(p) for p in problems]
     results = demo_report.aggregate(evals, budget.seeds, budget.eval.max_k, kinds)
     first_traces = evals["latents_4"][budget.seeds[0]]["insertion"]["num_traces"]
     meta = {

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from .config import RunConfig
 from .decoder import build_decoder
 from .estimate import flops_per_sequence
+from .hf_compat import cache_arg
 from .losses import chunked_cross_entropy, lm_head_of
 from .metrics import peak_flops as device_peak_flops
 from .model import CacheAugmentedLM, sample_positions
@@ -100,10 +101,10 @@ def naive_loop_step(model: CacheAugmentedLM, ids: torch.Tensor, positions: torch
             row = ids[b : b + 1]
             cache = DynamicCache(config=dec.config)
             with torch.no_grad():
-                dec.base_model(input_ids=row[:, : p + 1], past_key_values=cache, use_cache=True)
+                dec.base_model(input_ids=row[:, : p + 1], **cache_arg(cache), use_cache=True)
             z = model.latents_for_cache(cache, 1)
             trace = torch.cat([z.to(emb.weight.dtype), emb(row[:, p + 1 : p + n_a])], 1)
-            logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0, n_l - 1 :]
+            logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True).logits[0, n_l - 1 :]
             (F.cross_entropy(logits.float(), row[0, p + 1 : p + 1 + n_a]) / count).backward()
 
 
@@ -152,6 +153,28 @@ def _positions(setup: BenchSetup, count: int, n_a: int, seed: int = 1) -> torch.
     return sample_positions(b, n, count, n_a, torch.Generator().manual_seed(seed), device=setup.device)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (flex attention is compiled by
+    transformers; every entry past the first is a recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def profile_summary(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
+    """torch.profiler table of one call of ``fn`` (after a warm-up call), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def bench_train(
     cfg: RunConfig,
     *,
@@ -160,8 +183,10 @@ def bench_train(
     naive_positions: int = 8,
     eager_positions: int | None = None,
     skip: tuple[str, ...] = (),
+    profile: bool = False,
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    graphs_before = compiled_graphs()
     m = cfg.model
     n_a, p_count = m.num_ahead, m.num_positions
     setup = _setup(cfg, device)
@@ -189,6 +214,12 @@ def bench_train(
         "num_ahead": n_a,
     }
     step_s, peak = timed(augmented_step, device, steps, warmup)
+    out["compiled_graphs_after_step"] = compiled_graphs() - graphs_before
+    graphs_steady = compiled_graphs()
+    augmented_step()
+    out["recompiles_in_steady_step"] = compiled_graphs() - graphs_steady
+    if profile:
+        out["profile"] = profile_summary(augmented_step, device)
     peak = peak if device.type == "cuda" else None  # CPU RSS growth is not meaningful after model setup
     flops = flops_per_sequence(cfg)
     out.update(
@@ -258,6 +289,7 @@ def bench_train(
         )
     elif "eager" not in skip:
         out["flex_over_eager"] = None  # FlexAttention has no backward on CPU
+    out["compiled_graphs_total"] = compiled_graphs() - graphs_before
     return out
 
 
@@ -289,4 +321,10 @@ def format_report(r: dict) -> str:
         )
     elif "flex_over_eager" in r:
         lines.append("flex / eager: n/a on CPU (FlexAttention has no CPU backward)")
+    lines.append(
+        f"torch.compile graphs: {r['compiled_graphs_after_step']} for the augmented step, "
+        f"{r['recompiles_in_steady_step']} new in a further step, {r['compiled_graphs_total']} in the whole run"
+    )
+    if "profile" in r:
+        lines += ["profile of one augmented step:", r["profile"]]
     return "\n".join(lines)

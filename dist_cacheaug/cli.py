@@ -142,6 +142,7 @@ def cmd_bench(args) -> int:
         naive_positions=args.naive_positions,
         eager_positions=args.eager_positions,
         skip=tuple(args.skip),
+        profile=args.profile,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-positions", type=int, default=8, help="P for the batched-vs-naive-loop ratio")
     p.add_argument("--eager-positions", type=int, default=None, help="P for the flex-vs-eager ratio (GPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["plain", "naive", "eager"])
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one augmented step")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     _add_eval_parsers(sub)

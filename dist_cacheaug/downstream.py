@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .generation import generate
+from .hf_compat import cache_arg
 from .inference import InferenceError
 from .model import CacheAugmentedLM, clone_cache
 
@@ -186,7 +187,7 @@ def continuation_token_logprobs(
         cache, first, next_pos = a.past_key_values, a.logits, a.next_position
     else:
         cache = DynamicCache(config=dec.config)
-        first = dec(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        first = dec(input_ids=ctx, **cache_arg(cache), use_cache=True).logits[:, -1].float()
         next_pos = len(context_ids)
     out = []
     for cont in continuations:
@@ -196,7 +197,7 @@ def continuation_token_logprobs(
         if len(cont) > 1:
             ids = torch.tensor([cont[:-1]], device=device)
             pos = torch.arange(next_pos, next_pos + len(cont) - 1, device=device)[None]
-            rest = dec(input_ids=ids, past_key_values=clone_cache(cache), use_cache=True, position_ids=pos)
+            rest = dec(input_ids=ids, **cache_arg(clone_cache(cache)), use_cache=True, position_ids=pos)
             logits = torch.cat([first, rest.logits[0].float()], 0)
         logp = F.log_softmax(logits, -1)
         target = torch.tensor(cont, device=device)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .hf_compat import cache_arg
 from .losses import chunked_cross_entropy, lm_head_of
 from .masks import TraceLayout, attention_masks
 from .model import CacheAugmentedLM, TrainingLossOutput, read_only_view
@@ -89,7 +90,7 @@ def no_latent_trace_loss(decoder, input_ids: torch.Tensor, positions: torch.Tens
     b, n = input_ids.shape
     device = input_ids.device
     cache = DynamicCache()  # full layers: windows come from the mask
-    decoder.base_model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    decoder.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True)
     offs = torch.arange(num_ahead, device=device)
     pos = (positions[:, :, None] + offs).reshape(b, -1)
     dtype = next(decoder.parameters()).dtype
@@ -100,7 +101,7 @@ def no_latent_trace_loss(decoder, input_ids: torch.Tensor, positions: torch.Tens
         input_ids=torch.gather(input_ids, 1, pos),
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=read_only_view(cache),
+        **cache_arg(read_only_view(cache)),
         use_cache=True,
     ).last_hidden_state
     weight, softcap = lm_head_of(decoder)

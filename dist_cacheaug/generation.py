@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .hf_compat import cache_arg
 from .model import CacheAugmentedLM, _pick, clone_cache
 
 
@@ -47,7 +48,7 @@ class _CleanCache:
             pos = torch.arange(self.length, length, device=ids.device)[None].expand(ids.shape[0], -1)
             self.decoder.base_model(
                 input_ids=ids[:, self.length : length],
-                past_key_values=self.cache,
+                **cache_arg(self.cache),
                 use_cache=True,
                 position_ids=pos,
             )
@@ -79,7 +80,7 @@ def _augment_at(
         inputs, pos = latents, torch.arange(length, length + n_l)
         next_pos = length + n_l
     pos = pos.to(ids.device)[None].expand(b, -1)
-    out = dec(inputs_embeds=inputs, past_key_values=cache, use_cache=True, position_ids=pos)
+    out = dec(inputs_embeds=inputs, **cache_arg(cache), use_cache=True, position_ids=pos)
     if return_latents:
         return cache, out.logits[:, -1].float(), next_pos, latents
     return cache, out.logits[:, -1].float(), next_pos
@@ -134,7 +135,7 @@ def generate(
         stats.augmentations += 1
     else:
         cache = DynamicCache(config=dec.config)
-        logits = dec(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = dec(input_ids=input_ids, **cache_arg(cache), use_cache=True).logits[:, -1].float()
         next_pos = n
     ids = input_ids
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
@@ -157,7 +158,7 @@ def generate(
             continue
         pos = torch.full((b, 1), next_pos, device=ids.device)
         logits = (
-            dec(input_ids=tok[:, None], past_key_values=cache, use_cache=True, position_ids=pos)
+            dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos)
             .logits[:, -1]
             .float()
         )

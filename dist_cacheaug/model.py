@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .hf_compat import cache_arg, layer_cache
 from .losses import chunked_cross_entropy, lm_head_of
 from .masks import TraceLayout, attention_masks
 
@@ -93,7 +94,7 @@ def _checkpointed_forward(self, *args, **kwargs):
     """A layer's forward, recomputed in backward when that is safe: under autograd and with no cache or
     a read-only one (a growing cache would be appended to twice by the recompute)."""
     inner = type(self).forward
-    cache = kwargs.get("past_key_values")
+    cache = layer_cache(kwargs)
     if torch.is_grad_enabled() and (cache is None or getattr(cache, "read_only", False)):
         return checkpoint(inner, self, *args, use_reentrant=False, **kwargs)
     return inner(self, *args, **kwargs)
@@ -101,7 +102,7 @@ def _checkpointed_forward(self, *args, **kwargs):
 
 def _checkpoint_layers(layers: nn.ModuleList) -> None:
     """Recompute each layer in backward (non-reentrant torch checkpointing). HF's own gradient
-    checkpointing drops ``past_key_values``, which the extended passes need, so we wrap ``forward``.
+    checkpointing drops the layer's cache, which the extended passes need, so we wrap ``forward``.
     A bound method (not a closure) so that ``copy.deepcopy`` of the model rebinds it to the copy."""
     for layer in layers:
         layer.forward = types.MethodType(_checkpointed_forward, layer)
@@ -226,7 +227,7 @@ class CacheAugmentedLM(nn.Module):
         (the multi-trace pass windows through its mask); else HF's own cache for this config."""
         cache = DynamicCache() if full_layers else DynamicCache(config=self.decoder.config)
         with torch.no_grad():
-            self.decoder.base_model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            self.decoder.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True)
         return cache
 
     def _coprocessor_states(self, inputs_bqh, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -234,7 +235,7 @@ class CacheAugmentedLM(nn.Module):
             inputs_embeds=inputs_bqh,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **cache_arg(cache),
             use_cache=True,
         )
         return out.last_hidden_state
@@ -265,7 +266,7 @@ class CacheAugmentedLM(nn.Module):
         cache = DynamicCache()
         with torch.no_grad():
             hidden = self.decoder.base_model(
-                input_ids=input_ids, past_key_values=cache, use_cache=True
+                input_ids=input_ids, **cache_arg(cache), use_cache=True
             ).last_hidden_state
         return cache, hidden
 
@@ -352,7 +353,7 @@ class CacheAugmentedLM(nn.Module):
             inputs_embeds=trace_in.reshape(b, p_count * t_len, -1),
             attention_mask=dec_mask,
             position_ids=dec_layout.position_ids_bq,
-            past_key_values=read_only_view(cache),
+            **cache_arg(read_only_view(cache)),
             use_cache=True,
         ).last_hidden_state
         hidden_bpah = hidden.view(b, p_count, t_len, -1)[:, :, predict_rows]
@@ -388,14 +389,14 @@ class CacheAugmentedLM(nn.Module):
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
         """Read the prompt, write N_L latents into the decoder's cache. Continue with plain HF calls
-        (``decoder(next_ids, past_key_values=out.past_key_values)``; for "refeed" also pass
+        (``decoder(next_ids, **cache_arg(out.past_key_values))``, ``cache_arg`` from ``hf_compat``; for "refeed" also pass
         ``position_ids`` starting at ``out.next_position``)."""
         b, n = _check_prompt(input_ids)
         dec_dtype = next(self.decoder.parameters()).dtype
         if self.aug_config.convention == "insert":
             cache = self._prefix_cache(input_ids, full_layers=False)
             latents = self.latents_for_prompt(input_ids, cache).to(dec_dtype)
-            out = self.decoder(inputs_embeds=latents, past_key_values=cache, use_cache=True)
+            out = self.decoder(inputs_embeds=latents, **cache_arg(cache), use_cache=True)
             return AugmentOutput(cache, out.logits[:, -1].float(), latents, n + self.num_latents)
         # refeed: latents from the cache of x[0..p]; decoder cache keeps x[0..p-1], then [z, x[p]].
         if n > 1:
@@ -405,7 +406,7 @@ class CacheAugmentedLM(nn.Module):
         seen = clone_cache(cache)
         self.decoder.base_model(
             input_ids=input_ids[:, -1:],
-            past_key_values=seen,
+            **cache_arg(seen),
             use_cache=True,
             position_ids=torch.full((b, 1), n - 1, device=input_ids.device),
         )
@@ -414,7 +415,7 @@ class CacheAugmentedLM(nn.Module):
         pos = torch.cat([torch.arange(n, n + self.num_latents), torch.tensor([n - 1])]).to(input_ids.device)
         out = self.decoder(
             inputs_embeds=torch.cat([latents, last], 1),
-            past_key_values=cache,
+            **cache_arg(cache),
             use_cache=True,
             position_ids=pos[None].expand(b, -1),
         )
@@ -441,7 +442,7 @@ class CacheAugmentedLM(nn.Module):
         else:
             cache = DynamicCache(config=self.decoder.config)
             logits = (
-                self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                self.decoder(input_ids=input_ids, **cache_arg(cache), use_cache=True).logits[:, -1].float()
             )
             next_pos = n
         out = [input_ids]
@@ -456,7 +457,7 @@ class CacheAugmentedLM(nn.Module):
                 break
             pos = torch.full((b, 1), next_pos, device=input_ids.device)
             logits = (
-                self.decoder(input_ids=tok[:, None], past_key_values=cache, use_cache=True, position_ids=pos)
+                self.decoder(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos)
                 .logits[:, -1]
                 .float()
             )

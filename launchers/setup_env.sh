@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project virtualenv and install dist_cacheaug with its dev extras.
 # Sourced by the README's two commands; safe to run again (it only installs what is missing).
-#   VENV=path   where the venv lives (default: <repo>/.venv)
+#   VENV=path            where the venv lives (default: <repo>/.venv)
+#   CACHEAUG_DEPS=locked the known-good set in constraints.txt (default)
+#   CACHEAUG_DEPS=newest the newest versions pyproject's ranges allow (CI checks these too)
+#   CACHEAUG_DEPS=oldest transformers at pyproject's lower bound, the rest as pip resolves them
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+DEPS="${CACHEAUG_DEPS:-locked}"
+LOCKED_TORCH="torch==$(sed -n 's/^torch==//p' "$ROOT/constraints.txt")"
+case "$DEPS" in
+  locked) PINS=(-c "$ROOT/constraints.txt"); TORCH="$LOCKED_TORCH" ;;
+  newest) PINS=(); TORCH="torch==2.13.0" ;;  # pyproject's newest allowed torch (PyPI's plain newest is a multi-GB CUDA build)
+  oldest) PINS=("transformers==$(sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' "$ROOT/pyproject.toml")")
+          TORCH="$LOCKED_TORCH" ;;
+  *) echo "[setup] CACHEAUG_DEPS must be locked, newest or oldest, got '$DEPS'" >&2; exit 2 ;;
+esac
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtualenv $VENV"
@@ -15,19 +27,19 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  # Without a GPU, prefer the CPU build pinned in this repo's tested versions (a plain `torch`
-  # from PyPI is a multi-GB CUDA build); with a GPU, take PyPI's default (CUDA) build.
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    "$VPY" -m pip install -q torch
-  else
-    "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null || "$VPY" -m pip install -q torch
-  fi
+  # torch first and alone: on a machine without a GPU the pinned version resolves to the CPU build
+  # already on disk; with a GPU, PyPI's default (CUDA) build of the same version.
+  "$VPY" -m pip install -q "$TORCH"
 fi
 if ! "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest" >/dev/null 2>&1 \
-   || [ "$ROOT/pyproject.toml" -nt "$VENV/.cacheaug-installed" ]; then
-  echo "[setup] installing dist_cacheaug (editable) and its dependencies"
-  "$VPY" -m pip install -q -e "$ROOT[dev]"
-  touch "$VENV/.cacheaug-installed"
+   || [ "$ROOT/pyproject.toml" -nt "$VENV/.cacheaug-installed" ] \
+   || [ "$ROOT/constraints.txt" -nt "$VENV/.cacheaug-installed" ] \
+   || [ "$(cat "$VENV/.cacheaug-installed" 2>/dev/null)" != "$DEPS" ]; then
+  echo "[setup] installing dist_cacheaug (editable) and its dependencies ($DEPS versions)"
+  "$VPY" -m pip install -q -e "$ROOT[dev]" "${PINS[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest" \
+    || { echo "[setup] install failed: see pip's output above" >&2; exit 1; }
+  echo "$DEPS" >"$VENV/.cacheaug-installed"
 fi
 # DeepSpeed JIT-builds a CPU op on first use: it needs a C++ compiler (ninja comes from the dev extra).
 if ! command -v g++ >/dev/null 2>&1; then

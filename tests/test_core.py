@@ -12,6 +12,7 @@ from tiny_models import VOCAB, tiny_decoder
 from transformers import DynamicCache
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
+from dist_cacheaug.hf_compat import cache_arg
 
 FAMILIES = ["gemma2", "llama", "mistral", "qwen2"]
 
@@ -25,21 +26,21 @@ def reference_trace_ce(model: CacheAugmentedLM, ids_1n: torch.Tensor, p: int, nu
     soft = model.soft_tokens[None]
     if model.aug_config.convention == "insert":
         cache = DynamicCache(config=dec.config)
-        dec(input_ids=ids_1n[:, : p + 1], past_key_values=cache, use_cache=True)
-        z = model.coprocessor(inputs_embeds=soft, past_key_values=copy.deepcopy(cache), use_cache=True)
+        dec(input_ids=ids_1n[:, : p + 1], **cache_arg(cache), use_cache=True)
+        z = model.coprocessor(inputs_embeds=soft, **cache_arg(copy.deepcopy(cache)), use_cache=True)
         trace = torch.cat([z.last_hidden_state, emb(ids_1n[:, p + 1 : p + num_ahead])], dim=1)
-        logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0]
+        logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True).logits[0]
         preds = logits[n_l - 1 : n_l - 1 + num_ahead]
     else:  # refeed
         cache = DynamicCache(config=dec.config)
         if p > 0:
-            dec(input_ids=ids_1n[:, :p], past_key_values=cache, use_cache=True)
+            dec(input_ids=ids_1n[:, :p], **cache_arg(cache), use_cache=True)
         seen = copy.deepcopy(cache)
-        dec(input_ids=ids_1n[:, p : p + 1], past_key_values=seen, use_cache=True)
-        z = model.coprocessor(inputs_embeds=soft, past_key_values=seen, use_cache=True).last_hidden_state
+        dec(input_ids=ids_1n[:, p : p + 1], **cache_arg(seen), use_cache=True)
+        z = model.coprocessor(inputs_embeds=soft, **cache_arg(seen), use_cache=True).last_hidden_state
         trace = torch.cat([z, emb(ids_1n[:, p : p + num_ahead])], dim=1)
         pos = torch.cat([torch.arange(p + 1, p + 1 + n_l), torch.arange(p, p + num_ahead)])[None]
-        logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True, position_ids=pos).logits[0]
+        logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True, position_ids=pos).logits[0]
         preds = logits[n_l : n_l + num_ahead]
     return F.cross_entropy(preds.float(), targets, reduction="none")
 
@@ -144,7 +145,7 @@ def test_augment_then_plain_hf_continuation_reproduces_training_loss(family, con
     for i in range(n_a - 1):  # teacher-forced plain HF decoding from the augmented cache
         tok = ids[:, p + 1 + i : p + 2 + i]
         out = decoder(
-            input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos + i]])
+            input_ids=tok, **cache_arg(cache), use_cache=True, position_ids=torch.tensor([[pos + i]])
         )
         logits.append(out.logits[0, -1].float())
     ce = F.cross_entropy(torch.stack(logits), ids[0, p + 1 : p + 1 + n_a], reduction="none")
@@ -167,10 +168,10 @@ def test_insert_augment_continues_with_hf_defaults():
     aug = model.augment(ids)
     nxt = aug.logits.argmax(-1, keepdim=True)
     explicit = model.augment(ids)
-    a = decoder(input_ids=nxt, past_key_values=aug.past_key_values).logits
+    a = decoder(input_ids=nxt, **cache_arg(aug.past_key_values)).logits
     b = decoder(
         input_ids=nxt,
-        past_key_values=explicit.past_key_values,
+        **cache_arg(explicit.past_key_values),
         position_ids=torch.full((2, 1), explicit.next_position),
     ).logits
     torch.testing.assert_close(a, b)

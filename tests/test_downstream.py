@@ -15,6 +15,7 @@ from tiny_models import VOCAB, tiny_decoder
 import dist_cacheaug.downstream as ds
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
+from dist_cacheaug.hf_compat import cache_arg
 from dist_cacheaug.inference import InferenceError
 
 
@@ -149,7 +150,7 @@ def test_continuation_logprobs_equal_plain_forward(family):
             if len(cont) > 1:
                 pos = torch.arange(a.next_position, a.next_position + len(cont) - 1)[None]
                 rest = model.decoder(
-                    input_ids=torch.tensor([cont[:-1]]), past_key_values=a.past_key_values, position_ids=pos
+                    input_ids=torch.tensor([cont[:-1]]), **cache_arg(a.past_key_values), position_ids=pos
                 )
                 logits = torch.cat([a.logits, rest.logits[0].float()])
             logp = F.log_softmax(logits, -1)

@@ -16,6 +16,7 @@ from data_tools import write_token_shards
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
 from dist_cacheaug.evaluation import PositionSpec, evaluate_insertion, parse_positions
+from dist_cacheaug.hf_compat import cache_arg
 from dist_cacheaug.inference import InferenceError, load_for_inference, resolve_checkpoint
 
 
@@ -83,7 +84,7 @@ def test_augmented_equals_augment_then_decoding():
         a = model.augment(ids_1n[:, : p + 1])
         ahead = ids_1n[:, p + 1 : p + max_k]
         pos = torch.arange(a.next_position, a.next_position + ahead.shape[1])[None]
-        rest = model.decoder(input_ids=ahead, past_key_values=a.past_key_values, position_ids=pos).logits[0]
+        rest = model.decoder(input_ids=ahead, **cache_arg(a.past_key_values), position_ids=pos).logits[0]
         logits = torch.cat([a.logits, rest.float()])
         return F.cross_entropy(logits, ids_1n[0, p + 1 : p + 1 + max_k], reduction="none")
 

@@ -13,6 +13,7 @@ from data_tools import load_tokenizer
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
 from dist_cacheaug.generation import GenerationStats, generate
+from dist_cacheaug.hf_compat import cache_arg
 
 NEW = 12
 
@@ -43,7 +44,7 @@ def greedy_from(model, cache, logits, next_pos, steps, trace=None):
         if i == steps - 1:
             break
         pos = torch.full((tok.shape[0], 1), next_pos)
-        logits = model.decoder(input_ids=tok[:, None], past_key_values=cache, position_ids=pos).logits[:, -1]
+        logits = model.decoder(input_ids=tok[:, None], **cache_arg(cache), position_ids=pos).logits[:, -1]
         next_pos += 1
     return torch.stack(toks, 1)
 
@@ -105,12 +106,12 @@ def reference_async(model, ids, new, delay, every=None, trace=None):
     while out.shape[1] - ids.shape[1] < new:
         length = out.shape[1]
         view = DynamicCache(config=dec.config)
-        dec(input_ids=out[:, : length - delay], past_key_values=view, use_cache=True)
+        dec(input_ids=out[:, : length - delay], **cache_arg(view), use_cache=True)
         soft = model.soft_tokens[None].expand(b, -1, -1)
-        z = model.coprocessor(inputs_embeds=soft, past_key_values=view, use_cache=True).last_hidden_state
+        z = model.coprocessor(inputs_embeds=soft, **cache_arg(view), use_cache=True).last_hidden_state
         cache = DynamicCache(config=dec.config)
-        dec(input_ids=out, past_key_values=cache, use_cache=True)
-        logits = dec(inputs_embeds=z, past_key_values=cache, use_cache=True).logits[:, -1]
+        dec(input_ids=out, **cache_arg(cache), use_cache=True)
+        logits = dec(inputs_embeds=z, **cache_arg(cache), use_cache=True).logits[:, -1]
         toks = []
         steps = min(every or new, new - (length - ids.shape[1]))
         for i in range(steps):
@@ -119,7 +120,7 @@ def reference_async(model, ids, new, delay, every=None, trace=None):
             tok = logits.argmax(-1)
             toks.append(tok)
             if i < steps - 1:
-                logits = dec(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True).logits[:, -1]
         out = torch.cat([out, torch.stack(toks, 1)], 1)
     return out
 

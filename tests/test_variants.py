@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from dist_cacheaug import load_config
 from dist_cacheaug.checkpoint import decoder_digest
 from dist_cacheaug.generation import generate
+from dist_cacheaug.hf_compat import cache_arg
 from dist_cacheaug.inference import load_for_inference
 from dist_cacheaug.variants import (
     VARIANTS,
@@ -39,9 +40,9 @@ def pause_reference(model, ids_1n, p, n_a):
     dec, n_l = model.decoder, model.num_latents
     targets = ids_1n[0, p + 1 : p + 1 + n_a]
     cache = DynamicCache(config=dec.config)
-    dec(input_ids=ids_1n[:, : p + 1], past_key_values=cache, use_cache=True)
+    dec(input_ids=ids_1n[:, : p + 1], **cache_arg(cache), use_cache=True)
     trace = torch.cat([model.soft_tokens[None], dec.get_input_embeddings()(ids_1n[:, p + 1 : p + n_a])], 1)
-    logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0]
+    logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True).logits[0]
     return F.cross_entropy(logits[n_l - 1 : n_l - 1 + n_a].float(), targets, reduction="none")
 
 
@@ -72,12 +73,12 @@ def async_reference(model, ids_1n, p, n_a):
     targets = ids_1n[0, p + 1 : p + 1 + n_a]
     lag = DynamicCache(config=dec.config)
     if p - d >= 0:
-        dec(input_ids=ids_1n[:, : p - d + 1], past_key_values=lag, use_cache=True)
-    z = model.coprocessor(inputs_embeds=model.soft_tokens[None], past_key_values=lag, use_cache=True)
+        dec(input_ids=ids_1n[:, : p - d + 1], **cache_arg(lag), use_cache=True)
+    z = model.coprocessor(inputs_embeds=model.soft_tokens[None], **cache_arg(lag), use_cache=True)
     cache = DynamicCache(config=dec.config)
-    dec(input_ids=ids_1n[:, : p + 1], past_key_values=cache, use_cache=True)
+    dec(input_ids=ids_1n[:, : p + 1], **cache_arg(cache), use_cache=True)
     trace = torch.cat([z.last_hidden_state, dec.get_input_embeddings()(ids_1n[:, p + 1 : p + n_a])], 1)
-    logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0]
+    logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True).logits[0]
     return F.cross_entropy(logits[n_l - 1 : n_l - 1 + n_a].float(), targets, reduction="none")
 
 
@@ -109,12 +110,12 @@ def activations_reference(model, ids_1n, p, n_a):
     with torch.no_grad():
         h = dec.base_model(input_ids=ids_1n[:, : p + 1]).last_hidden_state
     cop_cache = DynamicCache(config=model.coprocessor.config)
-    model.coprocessor(inputs_embeds=h, past_key_values=cop_cache, use_cache=True)
-    z = model.coprocessor(inputs_embeds=model.soft_tokens[None], past_key_values=cop_cache, use_cache=True)
+    model.coprocessor(inputs_embeds=h, **cache_arg(cop_cache), use_cache=True)
+    z = model.coprocessor(inputs_embeds=model.soft_tokens[None], **cache_arg(cop_cache), use_cache=True)
     cache = DynamicCache(config=dec.config)
-    dec(input_ids=ids_1n[:, : p + 1], past_key_values=cache, use_cache=True)
+    dec(input_ids=ids_1n[:, : p + 1], **cache_arg(cache), use_cache=True)
     trace = torch.cat([z.last_hidden_state, dec.get_input_embeddings()(ids_1n[:, p + 1 : p + n_a])], 1)
-    logits = dec(inputs_embeds=trace, past_key_values=cache, use_cache=True).logits[0]
+    logits = dec(inputs_embeds=trace, **cache_arg(cache), use_cache=True).logits[0]
     return F.cross_entropy(logits[n_l - 1 : n_l - 1 + n_a].float(), targets, reduction="none")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..hf_compat import cache_arg
 from ..model import CacheAugmentedLM
 
 
@@ -19,9 +20,7 @@ class ActivationsInputLM(CacheAugmentedLM):
     variant_name = "activations"
 
     def _coprocessor_prefix(self, hidden: torch.Tensor, cache: DynamicCache) -> DynamicCache:
-        self.coprocessor(
-            inputs_embeds=hidden.to(self.soft_tokens.dtype), past_key_values=cache, use_cache=True
-        )
+        self.coprocessor(inputs_embeds=hidden.to(self.soft_tokens.dtype), **cache_arg(cache), use_cache=True)
         return cache
 
     def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:

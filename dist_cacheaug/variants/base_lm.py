@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from ..hf_compat import cache_arg
 from ..model import (
     CONFIG_NAME,
     AugmentOutput,
@@ -76,7 +77,7 @@ class BaseLM(nn.Module):
         """No latents: the trained LM's cache of the prompt and its next-token logits."""
         b, n = _check_prompt(input_ids)
         cache = DynamicCache(config=self.lm.config)
-        out = self.lm(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self.lm(input_ids=input_ids, **cache_arg(cache), use_cache=True)
         empty = out.logits.new_zeros(b, 0, self.lm.config.hidden_size)
         return AugmentOutput(cache, out.logits[:, -1].float(), empty, n)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from ..hf_compat import cache_arg
 from ..model import (
     SOFT_TOKENS_NAME,
     AugmentConfig,
@@ -72,9 +73,7 @@ class SingleModelLM(CacheAugmentedLM):
 
     def _prefix_pass(self, input_ids: torch.Tensor):
         cache = DynamicCache()  # with grad: joint finetuning reaches the decoder through its cache too
-        hidden = self.lm.base_model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True
-        ).last_hidden_state
+        hidden = self.lm.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True).last_hidden_state
         return cache, hidden
 
     def token_ce(self, hidden_mh, targets_m):

@@ -9,7 +9,13 @@ from tiny_models import VOCAB, tiny_decoder
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
 from dist_cacheaug.losses import chunked_cross_entropy, plain_cross_entropy
-from dist_cacheaug.masks import TraceLayout, allowed_bqk, eager_mask, flex_block_mask
+from dist_cacheaug.masks import (
+    TraceLayout,
+    allowed_bqk,
+    eager_mask,
+    flex_block_mask,
+    flex_block_mask_dense,
+)
 
 
 def random_layout(gen, b=2, n=40, p=5, t=6, refeed=False):
@@ -26,21 +32,28 @@ def random_layout(gen, b=2, n=40, p=5, t=6, refeed=False):
 
 
 def dense_from_block_mask(block_mask, q_len, kv_len):
-    """Evaluate a BlockMask densely: its mask_mod on every (q, kv) inside the blocks it keeps."""
+    """Evaluate a BlockMask densely as FlexAttention does: every (q, kv) in a full block is attended,
+    mask_mod decides inside partial blocks, everything else is masked."""
+    from torch.nn.attention.flex_attention import _ordered_to_dense
+
     b = block_mask.kv_num_blocks.shape[0]
-    q = torch.arange(q_len)[:, None]
-    k = torch.arange(kv_len)[None, :]
-    out = torch.zeros(b, q_len, kv_len, dtype=torch.bool)
-    dense_blocks = block_mask.to_dense()  # [B, H, Qblocks, KVblocks]: which blocks are computed at all
     qb, kb = block_mask.BLOCK_SIZE
+    q = torch.arange(q_len)[:, None].expand(q_len, kv_len)
+    k = torch.arange(kv_len)[None, :].expand(q_len, kv_len)
+    n_kv_blocks = block_mask.kv_indices.shape[-1]
+    partial = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n_kv_blocks).bool()
+    full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n_kv_blocks).bool()
+    assert not (partial & full).any()
+    out = torch.zeros(b, q_len, kv_len, dtype=torch.bool)
     for bi in range(b):
-        bidx = torch.full_like(q.expand(q_len, kv_len), bi)
-        vals = block_mask.mask_mod(
-            bidx, torch.zeros_like(bidx), q.expand(q_len, kv_len), k.expand(q_len, kv_len)
-        )
-        in_block = dense_blocks[bi, 0][q.expand(q_len, kv_len) // qb, k.expand(q_len, kv_len) // kb].bool()
-        out[bi] = vals & in_block
+        bidx = torch.full_like(q, bi)
+        vals = block_mask.mask_mod(bidx, torch.zeros_like(bidx), q, k)
+        out[bi] = full[bi, 0][q // qb, k // kb] | (vals & partial[bi, 0][q // qb, k // kb])
     return out
+
+
+BLOCK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+BLOCK_FIELDS += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 @pytest.mark.parametrize("window", [None, 5, 17])
@@ -55,6 +68,61 @@ def test_flex_block_mask_equals_eager_mask(window, refeed):
     # and the float rendering of the same mask: 0 where allowed, very negative elsewhere
     fm = eager_mask(layout, window, torch.float32)[:, 0]
     assert torch.equal(fm == 0, expected) and bool((fm[~expected] < -1e30).all())
+
+
+def late_layout(b=1, n=1024, p=16, t=16, refeed=False):
+    """Evenly spaced traces that all start late in the prefix: whole 128-tiles of the prefix are visible
+    to whole 128-query tiles, so the BlockMask has full tiles (random layouts rarely do)."""
+    pos = (n // 2 + t * torch.arange(p))[None].expand(b, p)
+    rel = torch.arange(1, t + 1)
+    return TraceLayout(
+        prefix_len=n,
+        trace_len=t,
+        prefix_end_bp=pos - int(refeed),
+        position_ids_bq=(pos[:, :, None] + rel).reshape(b, -1),
+        window_pos_bq=(pos[:, :, None] + torch.arange(t)).reshape(b, -1) if refeed else None,
+    )
+
+
+# Shapes with many 128-tiles: full tiles, partial tiles, tiles cut by N and by the sequence end, traces
+# straddling tile borders, windows shorter / longer than the prefix and than a tile.
+@pytest.mark.parametrize(
+    "shape", [(2, 300, 20, 16), (2, 200, 9, 31), (1, 1000, 40, 7), (2, 256, 16, 8), "late"]
+)
+@pytest.mark.parametrize("window", [None, 3, 100, 300, 4096])
+@pytest.mark.parametrize("refeed", [False, True])
+def test_flex_block_mask_block_structure(shape, window, refeed):
+    """The block structure computed from the layout equals what create_block_mask finds by evaluating
+    mask_mod on every pair, field by field; and the BlockMask as FlexAttention reads it (full tiles
+    unmasked, mask_mod in partial tiles) equals the dense allowed_bqk."""
+    if shape == "late":
+        layout = late_layout(refeed=refeed)
+    else:
+        b, n, p, t = shape
+        gen = torch.Generator().manual_seed(n + p + t + (window or 0))
+        layout = random_layout(gen, b=b, n=n, p=p, t=t, refeed=refeed)
+    q_len, kv_len = layout.num_queries, layout.prefix_len + layout.num_queries
+    bm = flex_block_mask(layout, window)
+    ref = flex_block_mask_dense(layout, window)
+    assert bm.seq_lengths == ref.seq_lengths == (q_len, kv_len)
+    assert bm.BLOCK_SIZE == ref.BLOCK_SIZE
+    for field in BLOCK_FIELDS:
+        got, want = getattr(bm, field), getattr(ref, field)
+        assert got.dtype == want.dtype and torch.equal(got, want), field
+    if shape == "late" and window in (None, 4096):
+        assert int(bm.full_kv_num_blocks.sum()) > 0  # the full-tile path is exercised
+    assert int(bm.kv_num_blocks.sum()) > 0
+    assert torch.equal(dense_from_block_mask(bm, q_len, kv_len), allowed_bqk(layout, window))
+
+
+def test_flex_mask_mod_captures_only_tensors():
+    """A Python int in the closure is guarded by value in compiled flex attention: one compiled entry per
+    window / prefix length / trace length. See tests/test_compile_counts.py."""
+    gen = torch.Generator().manual_seed(0)
+    for window in (None, 5):
+        mask_mod = flex_block_mask(random_layout(gen), window).mask_mod
+        cells = [c.cell_contents for c in mask_mod.__closure__]
+        assert cells and all(isinstance(c, torch.Tensor) for c in cells)
 
 
 def test_allowed_mask_semantics_on_a_hand_example():

@@ -157,7 +157,16 @@ class TrainConfig:
 @dataclass
 class ZeroConfig:
     stage: Literal[0, 1, 2, 3] = 3
-    #: DeepSpeed ZeRO stage for the coprocessor (3: params, grads and optimizer state partitioned).
+    #: DeepSpeed ZeRO stage for the coprocessor. 3: bf16 params, grads and optimizer state partitioned
+    #: (params all-gathered twice per micro-step); 2: params replicated, grads + optimizer state
+    #: partitioned (one param all-gather per optimizer step); 1: only optimizer state partitioned.
+    #: Under bf16, stages 1-3 accumulate gradients in fp32; stage 0 is refused (bf16 accumulation).
+    #: ``cacheaug config`` prints memory and bytes moved per GPU for each layout (docs/zero_layouts.md).
+    hpz_partition_size: int = 1
+    #: ZeRO++ hierarchical partitioning (hpZ; stage 3 only): each group of this many consecutive ranks
+    #: (one node: GPUs per node) also keeps a secondary bf16 copy of the params, split within the group,
+    #: so all gathers but the first after each optimizer step stay inside the node. Must divide the
+    #: world size. 1: off.
     offload_optimizer: bool = False
     #: Keep optimizer state in CPU memory (ZeRO-Offload).
     offload_params: bool = False
@@ -195,10 +204,17 @@ class RunConfig:
 
     # ---- derived values -------------------------------------------------------------------------
     def grad_accum_steps(self, world_size: int) -> int:
-        """global = micro × world × accumulation; raises ConfigError when not divisible."""
+        """global = micro × world × accumulation; raises ConfigError when not divisible (and for the
+        other world-size dependent checks: ``zero.hpz_partition_size`` must divide the world size)."""
         micro, glob = self.train.micro_batch_size, self.train.global_batch_size
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
+        hpz = self.zero.hpz_partition_size
+        if hpz > 1 and world_size % hpz:
+            raise ConfigError(
+                f"zero.hpz_partition_size={hpz} does not divide the world size {world_size}; set it to "
+                "the GPUs per node (a divisor of the world size) or 1 to turn hpZ off"
+            )
         if glob % (micro * world_size):
             raise ConfigError(
                 f"train.global_batch_size={glob} is not divisible by train.micro_batch_size={micro} × "
@@ -495,6 +511,16 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.lora_alpha must be >= 0, got {m.lora_alpha}")
     if cfg.zero.offload_params and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params needs zero.stage=3")
+    if cfg.zero.hpz_partition_size < 1:
+        raise ConfigError(
+            f"zero.hpz_partition_size must be >= 1 (1 turns hpZ off), got {cfg.zero.hpz_partition_size}"
+        )
+    if cfg.zero.hpz_partition_size > 1 and cfg.zero.stage != 3:
+        raise ConfigError(
+            f"zero.hpz_partition_size={cfg.zero.hpz_partition_size} (ZeRO++ hpZ) partitions parameters, "
+            f"which only zero.stage=3 does (got stage {cfg.zero.stage}); set zero.stage=3 or "
+            "zero.hpz_partition_size=1"
+        )
     bad = [k for k in cfg.logging.offsets if k < 1]
     if bad:
         raise ConfigError(f"logging.offsets must be >= 1, got {bad}")
@@ -508,9 +534,22 @@ def validate(cfg: RunConfig) -> None:
 def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed config dict this run implies. The optimizer and LR schedule are built by the
     engine module from ``cfg.optim`` (so CPU and GPU use the same schedule code); the JSON carries the
-    batch geometry, ZeRO, precision and clipping."""
+    batch geometry, ZeRO, precision and clipping.
+
+    Precision: under bf16, ``data_types.grad_accum_dtype = "fp32"``: DeepSpeed 0.19.8 then sums the
+    gradients of the micro-steps in fp32 (ZeRO-3: the fp32 partition buffer each reduce-scatter adds
+    into; ZeRO-2: fp32 grad partitions; ZeRO-1: DeepSpeed's BF16_Optimizer with fp32 grad buffers).
+    Without it the sum over 8-64 micro-steps is rounded to bf16 at every add. Each micro-step's own
+    reduce-scatter still travels in bf16 (``communication_data_type`` defaults to the model dtype).
+    DeepSpeed has no fp32 accumulation without ZeRO (stage 0 + bf16 + fp32 raises in its engine), so
+    stage 0 under bf16 is refused here."""
     accum = cfg.grad_accum_steps(world_size)
     z = cfg.zero
+    if bf16 and z.stage == 0:
+        raise ConfigError(
+            "zero.stage=0 under bf16 (every GPU run) would accumulate gradients in bf16 (DeepSpeed accumulates in fp32 only "
+            "with ZeRO); set zero.stage to 1, 2 or 3"
+        )
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage == 3:
         zero.update(
@@ -523,11 +562,23 @@ def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
                 "stage3_param_persistence_threshold": 1e5,
             }
         )
+        if z.hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = z.hpz_partition_size
+    elif z.stage == 2:
+        zero.update(
+            {
+                "overlap_comm": True,
+                "contiguous_gradients": True,
+                "reduce_scatter": True,
+                "reduce_bucket_size": 5e7,
+                "allgather_bucket_size": 5e7,
+            }
+        )
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    out = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
@@ -538,3 +589,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if bf16:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out

@@ -155,13 +155,24 @@ def _tensor_outputs(model: CacheAugmentedLM) -> None:
     model.forward = forward
 
 
-def build_engine(cfg: RunConfig, model: CacheAugmentedLM, *, world_size: int, device: torch.device) -> Engine:
+def build_engine(
+    cfg: RunConfig,
+    model: CacheAugmentedLM,
+    *,
+    world_size: int,
+    device: torch.device,
+    bf16: bool | None = None,
+) -> Engine:
+    """The ZeRO engine around ``model``'s trainable part. ``bf16``: None (default) means bf16 on GPU,
+    fp32 on CPU; tests pass True to run DeepSpeed's bf16 path (fp32 gradient accumulation) on CPU.
+    ``zero.stage`` 1-3 and ``zero.hpz_partition_size`` come from the generated JSON; the save/export
+    path is the same for every stage (:meth:`Engine.consolidated_fp32`, :func:`gathered`)."""
     if cfg.zero.shard_decoder:
         raise ConfigError(
             "zero.shard_decoder=true (ZeRO-3 inference for the frozen decoder) is not "
             "implemented yet; the decoder is replicated on every rank"
         )
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     ds_config = deepspeed_config(cfg, world_size, bf16=bf16)
     groups = param_groups(model, cfg.optim.weight_decay)
     o = cfg.optim

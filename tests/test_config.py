@@ -204,3 +204,222 @@ def test_readme_commands_and_ci_agree():
     assert script and (ROOT / script).is_file(), main_cmd
     test_script = test_cmd.split()[1] if test_cmd.startswith("bash ") else None
     assert test_script and (ROOT / test_script).is_file(), test_cmd
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_json_accumulates_gradients_in_fp32(stage):
+    """Under bf16, gradients summed over 8-64 micro-steps must not be rounded to bf16 at each add:
+    the JSON asks DeepSpeed for fp32 accumulation, and DeepSpeed's own config parser reads it so."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig, DtypeEnum
+
+    cfg = load_config(ROOT / "configs/gemma2_2b_paper.yaml", [f"zero.stage={stage}"])
+    ds = deepspeed_config(cfg, world_size=1, bf16=True)
+    assert ds["bf16"]["enabled"] is True
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.bfloat16_config.enabled and DtypeEnum(parsed.grad_accum_dtype).value == torch.float32
+    # fp32 runs (CPU) accumulate in fp32 anyway: nothing to ask for
+    assert "data_types" not in deepspeed_config(cfg, world_size=1, bf16=False)
+
+
+def test_bf16_refuses_stage0_which_would_accumulate_in_bf16():
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", ["zero.stage=0"])
+    with pytest.raises(ConfigError, match=r"zero\.stage=0 under bf16.*set zero\.stage to 1, 2 or 3"):
+        deepspeed_config(cfg, world_size=1, bf16=True)
+    assert "data_types" not in deepspeed_config(cfg, world_size=1, bf16=False)  # fp32: fine
+
+
+def test_hpz_partition_size_is_validated_and_emitted(tmp_path):
+    cfg = load_config(ROOT / "configs/gemma2_2b_paper.yaml", ["zero.hpz_partition_size=8"])
+    zero = deepspeed_config(cfg, world_size=64, bf16=True)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 8
+    assert (
+        "zero_hpz_partition_size"
+        not in deepspeed_config(load_config(ROOT / "configs/gemma2_2b_paper.yaml"), world_size=64, bf16=True)[
+            "zero_optimization"
+        ]
+    )
+    with pytest.raises(
+        ConfigError, match=r"zero\.hpz_partition_size=8 does not divide the world size 4"
+    ) as e:
+        deepspeed_config(cfg, world_size=4, bf16=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"zero\.hpz_partition_size=8 .*only zero\.stage=3.*got stage 2"):
+        load_config(ROOT / "configs/gemma2_2b_paper.yaml", ["zero.hpz_partition_size=8", "zero.stage=2"])
+    with pytest.raises(ConfigError, match=r"zero\.hpz_partition_size must be >= 1"):
+        load_config(ROOT / "configs/gemma2_2b_paper.yaml", ["zero.hpz_partition_size=0"])
+    # the same one-line error from the command line, exit 2
+    assert (
+        cli_main(
+            [
+                "config",
+                "--config",
+                str(ROOT / "configs/gemma2_2b_paper.yaml"),
+                "--world-size",
+                "4",
+                "--set",
+                "zero.hpz_partition_size=8",
+            ]
+        )
+        == 2
+    )
+
+
+def test_stage2_json():
+    cfg = load_config(ROOT / "configs/gemma2_2b_paper.yaml", ["zero.stage=2"])
+    ds = deepspeed_config(cfg, world_size=8, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_scatter"] is True
+    assert "stage3_gather_16bit_weights_on_model_save" not in ds["zero_optimization"]
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_zero_comm_matches_hand_computation():
+    """P = 2e9 params, bf16 (2 B), 64 ranks on 8-GPU nodes, 8 micro-steps per optimizer step."""
+    from dist_cacheaug.estimate import zero_comm
+
+    p, w, acc = 2_000_000_000, 64, 8
+    full = p * 2 * 63 / 64  # one ring all-gather / reduce-scatter of the bf16 tensor: 3.9375 GB per GPU
+    assert full == 3.9375e9
+    s3 = zero_comm(p, w, 3, acc)
+    assert s3.bytes_per_micro() == pytest.approx(3 * full)  # gather fwd + gather bwd + reduce-scatter
+    assert s3.bytes_per_step() == pytest.approx(8 * 3 * full)  # = 94.5 GB
+    assert s3.bytes_per_step() == pytest.approx(94.5e9)
+    assert all(c.inter_node for c in s3.collectives)
+    # at 25 GB/s inter-node: 94.5 / 25 = 3.78 s per step, 11.8125 / 25 = 0.4725 s per micro-step
+    assert s3.seconds_per_step(300, 25) == pytest.approx(3.78)
+    assert s3.seconds_per_micro(300, 25) == pytest.approx(0.4725)
+
+    s2 = zero_comm(p, w, 2, acc)
+    assert s2.bytes_per_micro() == pytest.approx(full)  # grads only
+    assert s2.bytes_per_step() == pytest.approx(8 * full + full)  # + one param all-gather after the step
+    assert s2.bytes_per_step() == pytest.approx(35.4375e9)
+
+    hpz = zero_comm(p, w, 3, acc, hpz_partition_size=8)
+    sec = p * 2 * 7 / 8  # 3.5 GB: all-gather within the node from the secondary partition
+    assert hpz.bytes_per_micro() == pytest.approx(2 * sec + full)
+    assert hpz.bytes_per_step() == pytest.approx(full + (2 * 8 - 1) * sec + 8 * full)  # 87.9375 GB
+    assert hpz.bytes_per_step() == pytest.approx(87.9375e9)
+    # inter-node: (1 + 8) × 3.9375 GB at 25 GB/s = 1.4175 s; intra-node: 15 × 3.5 GB at 300 GB/s = 0.175 s
+    assert hpz.seconds_per_step(300, 25) == pytest.approx(1.4175 + 0.175)
+
+    s1 = zero_comm(p, w, 1, acc)  # bf16: BF16_Optimizer, fp32 all-reduce once per step + param gather
+    assert s1.bytes_per_micro() == 0 and s1.bytes_per_step() == pytest.approx(2 * p * 4 * 63 / 64 + full)
+
+    one_node = zero_comm(p, 8, 3, 64)
+    assert not any(c.inter_node for c in one_node.collectives)
+    assert one_node.bytes_per_step() == pytest.approx(64 * 3 * 3.5e9)
+    assert zero_comm(p, 1, 3, 512).bytes_per_step() == 0
+
+
+def test_dry_run_prints_comm_next_to_compute(capsys):
+    args = ["config", "--config", str(ROOT / "configs/gemma2_2b_paper.yaml"), "--world-size", "64"]
+    assert cli_main([*args, "--inter-node-gbs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "intra-node 300 GB/s, inter-node 50 GB/s, 8 GPUs per node" in out
+    assert "compute per micro-step" in out and "per optimizer step:" in out
+    assert re.search(r"\* stage 3 ", out) and "stage 3 + hpZ 8" in out and "stage 2" in out
+    # 2.02B coprocessor params × 2 B × 63/64 × 3 per micro-step
+    m = re.search(r"per micro-step: ([\d.]+) GB", out)
+    assert m and float(m.group(1)) == pytest.approx(2.0246e9 * 2 * 63 / 64 * 3 / 1e9, rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stage2_trains_two_steps_on_two_ranks_and_exports(shards, tmp_path):
+    """zero.stage=2 (params replicated, grads + optimizer state partitioned) end to end: 2 ranks on CPU
+    (gloo), 2 optimizer steps, the final checkpoint and the export, which reloads without DeepSpeed."""
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+    from train_helpers import tiny_run_config
+    from transformers import AutoModelForCausalLM
+
+    from dist_cacheaug import CacheAugmentedLM
+    from dist_cacheaug.checkpoint import WEIGHTS
+
+    cfg = tiny_run_config(tmp_path, shards, max_steps=2)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the launcher's `deepspeed`
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launchers/local.sh"), "2", str(cfg), "--set", "zero.stage=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert load_config(run_dir / "config.yaml").zero.stage == 2
+    decoder = AutoModelForCausalLM.from_pretrained(run_dir / "decoder", attn_implementation="eager")
+    model = CacheAugmentedLM.from_pretrained(run_dir / "export", decoder=decoder)
+    # the export holds the weights of the final checkpoint (consolidated fp32 master weights)
+    saved = load_file(str(run_dir / "checkpoints" / "step_000002" / WEIGHTS))
+    exported = dict(model.named_parameters())
+    trained = [n for n in saved if n in exported]
+    assert trained and all(torch.equal(saved[n].to(exported[n].dtype), exported[n].detach()) for n in trained)
+
+
+BF16_ENGINE = """
+import json, sys, torch
+from dist_cacheaug import load_config
+from dist_cacheaug.decoder import build_decoder
+from dist_cacheaug.engine import build_engine
+from dist_cacheaug.variants import build_trainable
+
+out = {}
+for stage in (3, 2, 1):
+    cfg = load_config(sys.argv[1], [f"zero.stage={stage}", "model.dtype=bfloat16", "train.global_batch_size=4",
+                                    "train.micro_batch_size=2", "data.seq_len=64", "model.num_positions=8"])
+    model = build_trainable(cfg, build_decoder(cfg.model, device=torch.device("cpu"), seed=0))
+    eng = build_engine(cfg, model, world_size=1, device=torch.device("cpu"), bf16=True)
+    g = torch.Generator().manual_seed(0)
+    for micro in range(2):  # one optimizer step of 2 micro-steps
+        ids = torch.randint(0, 4096, (2, 64), generator=g)
+        pos = torch.stack([torch.randperm(40, generator=g)[:8].sort().values for _ in range(2)])
+        res = eng.forward(ids, pos, cfg.model.num_ahead)
+        eng.backward(res.loss)
+        applied = eng.step()
+    opt = eng.engine.optimizer
+    acc = getattr(opt, "grad_partitions_flat_buffer", None)  # ZeRO-3's accumulation buffer
+    acc = acc.dtype if acc is not None else getattr(opt, "gradient_accumulation_dtype", None)  # ZeRO-2
+    acc = acc if acc is not None else opt.grad_acc_dtype  # ZeRO-1 under bf16: BF16_Optimizer
+    out[stage] = [str(next(eng.engine.module.parameters()).dtype), str(acc), applied, eng.grad_norm()]
+print("RESULT", json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_bf16_engine_on_cpu_accumulates_in_fp32():
+    """DeepSpeed accepts the bf16 JSON (on CPU, gloo) for stages 3, 2, 1: bf16 params, fp32 gradient
+    accumulation, an applied optimizer step."""
+    import json
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0")
+    env.update(WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    proc = subprocess.run(
+        [sys.executable, "-c", BF16_ENGINE, str(ROOT / "configs/tiny_cpu.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    for stage in ("3", "2", "1"):
+        param_dtype, accum_dtype, applied, grad_norm = result[stage]
+        assert (param_dtype, accum_dtype, applied) == ("torch.bfloat16", "torch.float32", True), stage
+        assert grad_norm is not None and grad_norm > 0, stage

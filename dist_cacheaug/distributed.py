@@ -124,14 +124,36 @@ def resolve(environ: dict | None = None) -> DistEnv:
     )
 
 
-def device_for(env: DistEnv) -> torch.device:
+def device_for(env: DistEnv, environ: dict | None = None) -> torch.device:
+    """This rank's training device. ``DS_ACCELERATOR`` (set by the launchers, read by DeepSpeed) wins:
+    ``cpu`` trains on the CPU even where CUDA is available; ``cuda`` requires CUDA; unset (or another
+    value), CUDA when available."""
+    env_vars = os.environ if environ is None else environ
+    accelerator = env_vars.get("DS_ACCELERATOR", "").strip().lower()
+    if accelerator == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    if accelerator == "cuda":
+        raise RuntimeError("DS_ACCELERATOR=cuda but torch sees no CUDA device (set DS_ACCELERATOR=cpu)")
     return torch.device("cpu")
 
 
+def process_group_backend(device_type: str) -> str:
+    """The ``torch.distributed`` backend for a run whose training device is of ``device_type``.
+
+    On CUDA: nccl for device tensors *and* gloo for host tensors. A plain "nccl" group serves CUDA
+    tensors only; any collective on a CPU tensor (ours, DeepSpeed's, or ``all_gather_object`` on a
+    CPU-only path) then fails with "No backend type associated with device type cpu". Elsewhere: gloo.
+    """
+    if device_type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 def init_process_group(env: DistEnv, device: torch.device) -> None:
-    """Initialise ``torch.distributed`` (nccl on GPU, gloo on CPU) for ``env``; idempotent."""
+    """Initialise ``torch.distributed`` for ``env`` (backend from :func:`process_group_backend`);
+    idempotent."""
     if dist.is_initialized():
         return
     # DeepSpeed and torch read these; set them so every launcher looks the same from here on.
@@ -147,9 +169,8 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend=backend,
+        backend=process_group_backend(device.type),
         init_method="env://",
         rank=env.rank,
         world_size=env.world_size,
@@ -180,6 +201,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over every rank (a no-op on 1 rank). Pass tensors on the training device:
+    the group serves host tensors too (gloo), but a device tensor goes over nccl without a host copy."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(
             tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]

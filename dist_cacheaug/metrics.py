@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -17,29 +18,43 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets), matched by name substring.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "A6000": 155e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "V100": 125e12,
-}
+# Dense bf16 tensor-core peak FLOP/s per device, matched against torch.cuda.get_device_name() in order
+# (first match wins; whole words, so "L4" is not "L40S" and "A10" is not "A100"). Datasheets list bf16
+# "with sparsity"; dense is half of that:
+#   NVIDIA H100 datasheet: SXM 1,979 / NVL 1,671 / PCIe 1,513 TFLOPS -> 989 / 835 / 756 dense.
+#     get_device_name: SXM5 boards report "NVIDIA H100 80GB HBM3" (no form factor), the others
+#     "NVIDIA H100 PCIe" and "NVIDIA H100 NVL".
+#   NVIDIA H200 datasheet: SXM 1,979 / NVL 1,671 TFLOPS -> 989 / 835. GH200 (Grace Hopper): 1,979 -> 989.
+#   A100 / A800: 312; L40S: 362 (733 sparse); RTX A6000: 155 (310 sparse); L4: 121 (242 sparse);
+#   A10: 125 (250 sparse); V100: 125 (fp16 tensor cores, no bf16).
+PEAK_FLOPS: list[tuple[str, float]] = [
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3", "... SXM5 ...")
+    (r"\bH200\b.*\bNVL\b", 835e12),
+    (r"\b(H200|GH200)\b", 989e12),
+    (r"\b(A100|A800)\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bA6000\b", 155e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),
+    (r"\bV100\b", 125e12),
+]
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a device called ``name`` (``torch.cuda.get_device_name``), or None."""
+    for pattern, value in PEAK_FLOPS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return value
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """Peak FLOP/s of one device, or None when unknown (CPU: no meaningful peak, MFU is null)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -493,8 +493,11 @@ class CacheAugmentedLM(nn.Module):
         directory = Path(directory)
         meta, config = read_export_meta(directory, decoder, cls.variant_name)
         cop_dir = directory / COPROCESSOR_DIR
+        # The coprocessor runs under the masks built for the decoder's attention implementation
+        # (``_impl``): rebuild it with that implementation, not AutoModel's default for the config.
+        attn = getattr(decoder.config, "_attn_implementation", None) or "eager"
         try:
-            cop = AutoModel.from_config(AutoConfig.from_pretrained(cop_dir))
+            cop = AutoModel.from_config(AutoConfig.from_pretrained(cop_dir), attn_implementation=attn)
             cop = _as_coprocessor(cop, config)
             state = load_file(str(cop_dir / WEIGHTS_NAME))
             cop.load_state_dict(state, strict=True)

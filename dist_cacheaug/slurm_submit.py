@@ -22,7 +22,7 @@ class JobSpec:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: one per GPU, or 1 without GPUs
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: the config's loader workers + 2 (the rank, its threads)
     time: str = "24:00:00"
     partition: str | None = None
     account: str | None = None
@@ -52,8 +52,8 @@ def render(cfg: RunConfig, spec: JobSpec, config_path: Path, workdir: Path, pyth
     ]
     if spec.gpus_per_node:
         directives.append(f"--gpus-per-node={spec.gpus_per_node}")
-    if spec.cpus_per_task:
-        directives.append(f"--cpus-per-task={spec.cpus_per_task}")
+    cpus = spec.cpus_per_task or cfg.data.num_workers + 2
+    directives.append(f"--cpus-per-task={cpus}")
     directives += [
         f"--time={spec.time}",
         f"--signal=B:USR1@{spec.signal_seconds}",

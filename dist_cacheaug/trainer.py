@@ -310,9 +310,13 @@ def _loop(
 def _train_step(
     cfg, eng, data_iter, pos_gen, accum, device, inject_nan, stop_requested, trace, step, anchor_id
 ) -> dict:
-    """One optimizer step over ``accum`` micro-batches; returns the global (all-rank) loss metrics."""
+    """One optimizer step over ``accum`` micro-batches; returns the global (all-rank) loss metrics.
+
+    The sums stay on the training device (no host sync per micro-batch), are all-reduced there (nccl
+    on GPU) and come to the host once, for the step's log line and the non-finite/stop decisions."""
     na, p = cfg.model.num_ahead, cfg.model.num_positions
-    sums = torch.zeros(na + 3, dtype=torch.float64)  # per-offset loss, loss, non-finite count, stop flag
+    # per-offset loss, loss, non-finite count, stop flag
+    sums = torch.zeros(na + 3, dtype=torch.float64, device=device)
     applied = None
     for micro in range(accum):
         ids = next(data_iter)["input_ids"]
@@ -333,26 +337,33 @@ def _train_step(
         loss = out.loss * float("nan") if inject_nan else out.loss
         eng.backward(loss)  # a non-finite loss gives non-finite gradients: DeepSpeed drops that update
         applied = eng.step()
-        sums[:na] += out.loss_per_offset.detach().double().cpu()
-        sums[na] += loss.detach().double().cpu()
-        sums[na + 1] += 0.0 if torch.isfinite(loss) else 1.0
+        loss = loss.detach()
+        sums[:na] += out.loss_per_offset.detach().to(sums)
+        sums[na] += loss.to(sums)
+        sums[na + 1] += (~torch.isfinite(loss)).to(sums)
     sums[na + 2] = float(stop_requested)
     distributed.all_reduce_(sums)
+    host = sums.tolist()  # the step's one device->host transfer
     world = max(1, torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     n = accum * world
-    nonfinite = bool(sums[na + 1] > 0)
+    nonfinite = host[na + 1] > 0
     if nonfinite and applied:
         raise TrainingAborted(
             f"step {step}: DeepSpeed applied an update with a non-finite loss; the weights are "
             "no longer trustworthy (use ZeRO stage 1-3, which drop such updates)"
         )
     return {
-        "loss": float(sums[na] / n),
-        "per_offset": (sums[:na] / n).tolist(),
+        "loss": host[na] / n,
+        "per_offset": [v / n for v in host[:na]],
         "nonfinite": nonfinite,
         "applied": bool(applied),
-        "stop": bool(sums[na + 2] > 0),
+        "stop": host[na + 2] > 0,
     }
+
+
+def _min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over all ranks (a collective), reduced on the training device."""
+    return int(distributed.all_reduce_(torch.tensor([value], device=device), op="min").item())
 
 
 def _evaluate(cfg, env, device, eng, decoder) -> dict:
@@ -368,12 +379,10 @@ def _evaluate(cfg, env, device, eng, decoder) -> dict:
             max_samples=n_samples,
         )
     )
-    batches = int(
-        distributed.all_reduce_(torch.tensor([mine]), op="min")[0]
-    )  # ZeRO-3 forwards are collective
+    batches = _min_over_ranks(mine, device)  # ZeRO-3 forwards are collective: the same count everywhere
     eng.train(False)
     try:
-        sums = validation_sums(
+        sums = validation_sums(  # on ``device``
             eng.forward,
             decoder,
             cfg,
@@ -385,7 +394,7 @@ def _evaluate(cfg, env, device, eng, decoder) -> dict:
         )
     finally:
         eng.train(True)
-    return summarize(distributed.all_reduce_(sums), cfg.logging.offsets)
+    return summarize(distributed.all_reduce_(sums).cpu(), cfg.logging.offsets)
 
 
 def _save(cfg, env, eng, model, loader, pos_gen, state: TrainState, *, final: bool) -> None:

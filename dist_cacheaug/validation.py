@@ -32,16 +32,18 @@ def eval_positions(sample_index: int, cfg: RunConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def baseline_ce_sum(
-    decoder, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
+    decoder, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int, chunk_size: int = 4096
 ) -> torch.Tensor:
-    """[num_ahead] summed CE of the plain decoder at the targets x[p+k], k=1..num_ahead."""
+    """[num_ahead] summed CE of the plain decoder at the targets x[p+k], k=1..num_ahead, ``chunk_size``
+    rows of logits at a time (the model's ``loss_chunk_size``: a 256k vocabulary makes full fp32 logits
+    of every trace prediction GBs)."""
     hidden = decoder.base_model(input_ids=input_ids).last_hidden_state  # [b, n, H]
     offs = torch.arange(num_ahead, device=input_ids.device)
     rows = (positions[:, :, None] + offs).reshape(input_ids.shape[0], -1)  # p+k-1 for k=1..N_A
     h = torch.gather(hidden, 1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = torch.gather(input_ids, 1, rows + 1)
     weight, softcap = lm_head_of(decoder)
-    ce = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), weight, softcap)
+    ce = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), weight, softcap, chunk_size)
     return ce.view(-1, num_ahead).double().sum(0)
 
 
@@ -57,8 +59,10 @@ def validation_sums(
     device: torch.device,
     max_batches: int | None = None,
 ) -> torch.Tensor:
-    """This rank's ``[2 * N_A + 1]`` float64 sums: augmented CE per offset, baseline CE per offset,
-    number of traces. ``loss_fn(input_ids, positions, num_ahead)`` -> object with ``loss_per_offset``."""
+    """This rank's ``[2 * N_A + 1]`` float64 sums on ``device``: augmented CE per offset, baseline CE per
+    offset, number of traces. ``loss_fn(input_ids, positions, num_ahead)`` -> object with
+    ``loss_per_offset`` (the model's own chunked CE); the baseline CE is chunked by
+    ``cfg.model.loss_chunk_size`` too. Sums stay on ``device``: no host sync per batch."""
     na = cfg.model.num_ahead
     loader = build_eval_loader(
         cfg.data.val_shards,
@@ -68,7 +72,8 @@ def validation_sums(
         world_size=world_size,
         max_samples=eval_samples,
     )
-    sums = torch.zeros(2 * na + 1, dtype=torch.float64)
+    chunk = cfg.model.loss_chunk_size
+    sums = torch.zeros(2 * na + 1, dtype=torch.float64, device=device)
     seen = 0
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
@@ -79,8 +84,8 @@ def validation_sums(
         positions = torch.stack([eval_positions(i, cfg) for i in idx]).to(device)
         traces = positions.numel()
         out = loss_fn(ids, positions, na)
-        sums[:na] += out.loss_per_offset.detach().double().cpu() * traces
-        sums[na : 2 * na] += baseline_ce_sum(decoder, ids, positions, na).cpu()
+        sums[:na] += out.loss_per_offset.detach().to(sums) * traces
+        sums[na : 2 * na] += baseline_ce_sum(decoder, ids, positions, na, chunk).to(sums)
         sums[-1] += traces
     return sums
 
@@ -88,6 +93,7 @@ def validation_sums(
 def summarize(sums: torch.Tensor, offsets: list[int]) -> dict[str, float]:
     """Metrics from (all-reduced) sums: ``val_loss``, ``val_baseline``, ``val_loss_k*``,
     ``val_baseline_k*`` for the logged offsets."""
+    sums = sums.detach().cpu()
     na = (sums.numel() - 1) // 2
     n = max(float(sums[-1]), 1.0)
     aug, base = sums[:na] / n, sums[na : 2 * na] / n

@@ -46,6 +46,7 @@ def test_dry_run_prints_directives_and_command(capsys, tmp_path):
         "--nodes=8",
         "--ntasks-per-node=8",
         "--gpus-per-node=8",
+        "--cpus-per-task=4",  # default: the config's 2 loader workers + 2
         "--time=12:00:00",
         "--signal=B:USR1@300",
         "--requeue",
@@ -109,6 +110,7 @@ def _submit(config: Path, run_dir: Path, *sets: str) -> str:
         "sbatch",
         "--parsable",
         "--ntasks-per-node=2",
+        "--cpus-per-task=1",  # the one-node test cluster has as many CPUs as this machine (2)
         f"--output={run_dir.parent}/sbatch-%j.out",
         str(SBATCH),
         str(config),

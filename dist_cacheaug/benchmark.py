@@ -161,6 +161,33 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def mask_build_seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``fn`` spends building attention masks (``masks.attention_masks`` as the model
+    calls it), synchronising the device around each build so the time is the build's own."""
+    from . import model as model_module
+
+    build, spent = model_module.attention_masks, [0.0]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed_build(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        result = build(*args, **kwargs)
+        sync()
+        spent[0] += time.perf_counter() - t0
+        return result
+
+    model_module.attention_masks = timed_build
+    try:
+        fn()
+    finally:
+        model_module.attention_masks = build
+    return spent[0]
+
+
 def profile_summary(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
     """torch.profiler table of one call of ``fn`` (after a warm-up call), sorted by device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -218,6 +245,7 @@ def bench_train(
     graphs_steady = compiled_graphs()
     augmented_step()
     out["recompiles_in_steady_step"] = compiled_graphs() - graphs_steady
+    out["mask_build_s"] = mask_build_seconds(augmented_step, device)
     if profile:
         out["profile"] = profile_summary(augmented_step, device)
     peak = peak if device.type == "cuda" else None  # CPU RSS growth is not meaningful after model setup
@@ -303,6 +331,10 @@ def format_report(r: dict) -> str:
         f"augmented step (fwd+bwd+AdamW): {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
         f"{r['achieved_tflops']:.2f} TFLOP/s useful, MFU {f(r['mfu'], '.1%')}, peak {f(r['peak_mib'], ',.0f')} MiB",
     ]
+    lines.append(
+        f"attention masks built per step: {r['mask_build_s'] * 1e3:.1f} ms "
+        f"({r['mask_build_s'] / r['step_s']:.1%} of the step)"
+    )
     if "aug_over_plain" in r:
         lines.append(
             f"augmented / plain LM step (fwd+bwd): {r['aug_over_plain']:.2f}× measured "

@@ -34,9 +34,24 @@ def _fmt_count(n: float) -> str:
 
 
 def cmd_config(args) -> int:
-    from .estimate import flops_per_sequence, memory_estimate, param_counts
+    import dataclasses
 
-    cfg = load_config(args.config, args.overrides)
+    from .estimate import (
+        compute_seconds_per_micro,
+        flops_per_sequence,
+        memory_estimate,
+        param_counts,
+        zero_comm,
+    )
+
+    path = args.config_opt or args.config
+    if path is None:
+        raise ConfigError("config: give the run config YAML (cacheaug config PATH or --config PATH)")
+    if args.config_opt and args.config and args.config_opt != args.config:
+        raise ConfigError(
+            f"config: two config files given ({args.config} and --config {args.config_opt}); give one"
+        )
+    cfg = load_config(path, args.overrides)
     if args.get:  # one resolved value, for scripts (e.g. slurm/train.sbatch reads train.run_dir)
         value = cfg.to_dict()
         for part in args.get.split("."):
@@ -51,6 +66,16 @@ def cmd_config(args) -> int:
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "deepspeed": ds}, indent=2))
         return 0
+    for flag, value in (
+        ("--gpus-per-node", args.gpus_per_node),
+        ("--intra-node-gbs", args.intra_node_gbs),
+        ("--inter-node-gbs", args.inter_node_gbs),
+        ("--peak-tflops", args.peak_tflops),
+    ):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     counts = param_counts(cfg)
     mem = memory_estimate(cfg, world, bf16=bf16)
     flops = flops_per_sequence(cfg)
@@ -75,12 +100,97 @@ def cmd_config(args) -> int:
         f"FLOPs per sequence {flops['total']:.3e} = {flops['ratio_to_plain_lm']:.2f}× a plain LM training step "
         "on the same tokens (analytic model, dist_cacheaug/estimate.py)"
     )
+    z = cfg.zero
+    hpz = f" + hpZ {z.hpz_partition_size}" if z.hpz_partition_size > 1 else ""
     print(
-        f"\n# memory per GPU (estimate, {'bf16' if bf16 else 'fp32'}, ZeRO stage {cfg.zero.stage}, "
-        f"activation checkpointing {'on' if cfg.zero.activation_checkpointing else 'off'})"
+        f"\n# memory per GPU (estimate, {'bf16' if bf16 else 'fp32'}, ZeRO stage {z.stage}{hpz}, "
+        f"activation checkpointing {'on' if z.activation_checkpointing else 'off'})"
     )
     for k, v in mem.items():
-        print(f"  {k:20s} {v / 2**30:8.2f} GiB")
+        print(f"  {k:24s} {v / 2**30:8.2f} GiB")
+
+    # ---- communication: bytes each GPU moves, time at stated bandwidths, next to compute ----------
+    gpn, intra, inter = args.gpus_per_node, args.intra_node_gbs, args.inter_node_gbs
+    peak = args.peak_tflops * 1e12
+    compute = compute_seconds_per_micro(cfg, peak_flops=peak, mfu=args.mfu)
+    print(
+        f"\n# communication per GPU (estimate: coprocessor {_fmt_count(counts.coprocessor)} params, "
+        f"{'bf16' if bf16 else 'fp32'}, ring collectives; bandwidth per GPU: intra-node {intra:g} GB/s, "
+        f"inter-node {inter:g} GB/s, {gpn} GPUs per node; GB = 1e9 B)"
+    )
+    print(
+        f"compute per micro-step {compute:.3f} s = {flops['total']:.3e} FLOPs × {cfg.train.micro_batch_size} "
+        f"sequence{'s' if cfg.train.micro_batch_size > 1 else ''} at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s "
+        "(--peak-tflops, --mfu; the frozen decoder replica moves nothing)"
+    )
+    worlds = [world] if world > 1 else []
+    if not worlds:
+        glob, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        worlds = [w for w in (gpn, 8 * gpn) if glob % (micro * w) == 0]
+        print(
+            f"world size 1 moves nothing; shown for world sizes {', '.join(map(str, worlds)) or '(none fit)'} "
+            "instead (--world-size N for yours)"
+        )
+
+    def layout_cfg(stage, h):
+        return dataclasses.replace(
+            cfg,
+            zero=dataclasses.replace(
+                z, stage=stage, hpz_partition_size=h, offload_params=z.offload_params and stage == 3
+            ),
+        )
+
+    for w in worlds:
+        acc = cfg.grad_accum_steps(w)
+        nodes = -(-w // gpn)
+        comm = zero_comm(
+            counts.coprocessor,
+            w,
+            z.stage,
+            acc,
+            hpz_partition_size=z.hpz_partition_size,
+            bf16=bf16,
+            gpus_per_node=gpn,
+        )
+        print(
+            f"\nworld size {w} ({nodes} node{'s' if nodes > 1 else ''} of <= {gpn}), grad accumulation {acc}, "
+            f"ZeRO stage {z.stage}{hpz}:"
+        )
+        print(f"  {'collective':58s} {'GB each':>8s} {'/micro':>6s} {'/step':>6s}  link")
+        for c in comm.collectives:
+            link = f"{'inter' if c.inter_node else 'intra'}-node, {c.group} ranks"
+            print(f"  {c.what:58s} {c.nbytes / 1e9:8.2f} {c.per_micro:6d} {c.per_step:6d}  {link}")
+        print(
+            f"  per micro-step: {comm.bytes_per_micro() / 1e9:.2f} GB, {comm.seconds_per_micro(intra, inter):.3f} s "
+            f"(compute {compute:.3f} s); per optimizer step: {comm.bytes_per_step() / 1e9:.2f} GB, "
+            f"{comm.seconds_per_step(intra, inter):.3f} s (compute {compute * acc:.3f} s)"
+        )
+        layouts = [(3, 1), (2, 1)]
+        if w > gpn and w % gpn == 0:
+            layouts.insert(1, (3, gpn))
+        if (z.stage, z.hpz_partition_size) not in layouts:
+            layouts.insert(0, (z.stage, z.hpz_partition_size))
+        print(f"  layouts at world size {w} (memory per GPU vs bytes moved per GPU; * = this config):")
+        print(
+            f"    {'layout':16s} {'memory GiB':>10s} {'GB/micro':>9s} {'GB/step':>8s} {'comm s/step':>11s} {'compute s/step':>14s}"
+        )
+        for stage, h in layouts:
+            if stage == 0 and bf16:
+                continue
+            alt = zero_comm(
+                counts.coprocessor, w, stage, acc, hpz_partition_size=h, bf16=bf16, gpus_per_node=gpn
+            )
+            m = memory_estimate(layout_cfg(stage, h), w, bf16=bf16)["total"]
+            name = f"stage {stage}" + (f" + hpZ {h}" if h > 1 else "")
+            mark = "*" if (stage, h) == (z.stage, z.hpz_partition_size) else " "
+            print(
+                f"  {mark} {name:16s} {m / 2**30:10.2f} {alt.bytes_per_micro() / 1e9:9.2f} "
+                f"{alt.bytes_per_step() / 1e9:8.2f} {alt.seconds_per_step(intra, inter):11.3f} {compute * acc:14.3f}"
+            )
+    print(
+        "comm overlaps compute (overlap_comm, prefetch) where it can: it is exposed only beyond the compute "
+        "time; see docs/zero_layouts.md"
+    )
     return 0
 
 
@@ -291,7 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "config", help="dry run: resolved config, DeepSpeed JSON, parameter counts, memory estimate"
     )
-    _add_config_args(p, positional=True)
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (see configs/)")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the same, as an option")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values parsed as YAML)",
+    )
     p.add_argument(
         "--world-size",
         type=int,
@@ -303,6 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the resolved config and DeepSpeed JSON as JSON only"
     )
     p.add_argument("--get", metavar="DOTTED.KEY", help="print only this resolved value (e.g. train.run_dir)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=8, help="GPUs per node for the comm estimate (default 8)"
+    )
+    p.add_argument(
+        "--intra-node-gbs",
+        type=float,
+        default=300.0,
+        help="effective intra-node (NVLink) collective bandwidth per GPU, GB/s (default 300)",
+    )
+    p.add_argument(
+        "--inter-node-gbs",
+        type=float,
+        default=25.0,
+        help="effective inter-node bandwidth per GPU, GB/s (default 25 = 200 Gb/s NIC per GPU; 50 for 400 Gb/s)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="GPU dense bf16 peak, TFLOP/s (default 989: H100/H200)",
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("fields", help="list every config field with its type, default and meaning")
@@ -323,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-positions", type=int, default=8, help="P for the batched-vs-naive-loop ratio")
     p.add_argument("--eager-positions", type=int, default=None, help="P for the flex-vs-eager ratio (GPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["plain", "naive", "eager"])
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one augmented step")
+    p.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table of one augmented step"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     _add_eval_parsers(sub)

@@ -20,5 +20,32 @@ def test_bench_train_reports_measured_ratios_on_cpu():
     assert r["aug_over_plain"] == r["aug_fwd_bwd_s"] / r["plain_fwd_bwd_s"]
     assert r["naive_over_batched"] == r["naive_loop_s"] / r["batched_small_s"]
     assert r["mfu"] is None and r["flex_over_eager"] is None  # no GPU peak / no CPU flex backward
+    # eager attention on CPU: nothing is compiled; the masks are built (4 per step: 2 passes x 2 kinds)
+    assert r["compiled_graphs_after_step"] == 0 and r["recompiles_in_steady_step"] == 0
+    assert 0 < r["mask_build_s"] < r["step_s"]
     text = format_report(r)
     assert "augmented / plain LM step" in text and "naive loop / batched pass at P=3" in text
+    assert "attention masks built per step" in text and "torch.compile graphs: 0" in text
+
+
+def test_mask_build_seconds_counts_only_mask_building(monkeypatch):
+    import time
+
+    import torch
+
+    from dist_cacheaug import model as model_module
+    from dist_cacheaug.benchmark import mask_build_seconds
+
+    def fake_build(*args, **kwargs):
+        time.sleep(0.05)
+        return "mask"
+
+    monkeypatch.setattr(model_module, "attention_masks", fake_build)
+
+    def step():
+        time.sleep(0.3)  # work that is not mask building
+        assert [model_module.attention_masks(), model_module.attention_masks()] == ["mask", "mask"]
+
+    spent = mask_build_seconds(step, torch.device("cpu"))
+    assert 0.1 <= spent < 0.3
+    assert model_module.attention_masks is fake_build  # restored

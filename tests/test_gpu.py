@@ -43,9 +43,7 @@ def _model(family: str, attn: str, dtype: torch.dtype, checkpointing: bool) -> C
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-@pytest.mark.parametrize(
-    "dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"]
-)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["gemma2", "llama", "mistral"])
 def test_flex_training_pass_matches_eager(family, dtype, tol, checkpointing):
     ids = torch.randint(3, 61, (2, 96), generator=torch.Generator().manual_seed(0)).cuda()
@@ -72,7 +70,9 @@ def _train(cfg: Path, accelerator: str, *sets: str) -> subprocess.CompletedProce
         timeout=900,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 

@@ -117,6 +117,7 @@ def _local_state(loader, pos_gen: torch.Generator) -> dict:
 
 
 def _restore(loaded: checkpoint.Loaded, eng, loader, pos_gen, state: TrainState, cfg, env, log) -> None:
+    restoring = time.perf_counter()
     saved = loaded.state
     same_world = loaded.world_size == env.world_size
     if same_world:
@@ -148,7 +149,9 @@ def _restore(loaded: checkpoint.Loaded, eng, loader, pos_gen, state: TrainState,
             "Adam moments restart, data position approximate"
         )
     )
-    log.message(f"resumed from {loaded.path} at step {state.step} ({how})")
+    log.message(
+        f"resumed from {loaded.path} at step {state.step} ({how}) in {time.perf_counter() - restoring:.1f} s"
+    )
 
 
 def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> None:
@@ -299,7 +302,9 @@ def _loop(
             }
             log.log(state.step, values)
         if done or stopping or state.step % t.checkpoint_interval == 0:
+            saving = time.perf_counter()
             _save(cfg, env, eng, model, loader, pos_gen, state, final=done)
+            log.message(f"checkpoint of step {state.step} saved in {time.perf_counter() - saving:.1f} s")
         if stopping:
             log.message(f"stop signal received: checkpointed step {state.step}, exiting for requeue")
             return

@@ -318,3 +318,37 @@ def test_sbatch_requests_cpus_for_the_loader_workers():
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         workers = load_config(config).data.num_workers
         assert cpus[0] >= workers + 2, (config.name, workers, cpus[0])  # workers + main process + headroom
+
+
+# ------------------------------------------------------------------ 7. the GPU checklist's train section
+@pytest.mark.slow
+def test_gpu_check_train_section_runs_on_cpu_with_a_tiny_config(tmp_path):
+    """bench/gpu_check.sh's `train` section (2 runs of `cacheaug train`: 4 steps + checkpoint, then a
+    resume to 6) on the CPU with configs/tiny_cpu.yaml: the script a GPU session runs works end to end
+    and reports checkpoint save and resume times."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        CONFIG="configs/tiny_cpu.yaml",
+        DS_ACCELERATOR="cpu",
+        MICRO="2",
+        PYTHON=sys.executable,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(tmp_path), "train"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = (tmp_path / "train.log").read_text() if (tmp_path / "train.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-3000:]
+    assert re.search(r"checkpoint of step 4 saved in [\d.]+ s", proc.stdout)
+    assert re.search(r"resumed from .*step_000004 at step 4 \(exact\) in [\d.]+ s", proc.stdout)
+    rows = [json.loads(line) for line in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cacheaug.metrics import machine_description  # noqa: E402
+from dist_cacheaug.train.metrics import machine_description  # noqa: E402
 
 # Rows of the table, in order: (name, config under configs/ablations/ or None for tiny_cpu.yaml, what).
 VARIANTS = [
@@ -170,8 +170,8 @@ def evaluate(run_dir: Path, args) -> dict:
     import torch
 
     from dist_cacheaug.data import build_eval_loader
-    from dist_cacheaug.evaluation import evaluate_insertion
-    from dist_cacheaug.inference import load_for_inference
+    from dist_cacheaug.evaluation.inference import load_for_inference
+    from dist_cacheaug.evaluation.loss_at_k import evaluate_insertion
 
     model, cfg = load_for_inference(run_dir, device="cpu")
     loader = build_eval_loader(

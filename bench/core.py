@@ -1,7 +1,7 @@
 """Benchmark of the core training step (issue 4): the batched multi-position pass against
 (a) a plain LM training step of the same model on the same sequence and (b) the naive loop that runs
 each trace on its own. Prints measured times, peak memory and ratios side by side, next to the analytic
-FLOP ratio from ``dist_cacheaug.estimate``. Nothing here is asserted; it only measures.
+FLOP ratio from ``dist_cacheaug.train.estimate``. Nothing here is asserted; it only measures.
 
     python bench/core.py                      # tiny and small presets on this machine
     python bench/core.py --preset small --positions 32 --seq-len 512 --repeats 3
@@ -20,11 +20,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
-from dist_cacheaug.benchmark import MODEL_PRESETS as PRESETS
-from dist_cacheaug.benchmark import naive_loop_step, plain_lm_step, timed
 from dist_cacheaug.config import config_from_dict
-from dist_cacheaug.decoder import freeze, hf_config_from_dict
-from dist_cacheaug.estimate import flops_per_sequence
+from dist_cacheaug.core.decoder import freeze, hf_config_from_dict
+from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
+from dist_cacheaug.train.benchmark import naive_loop_step, plain_lm_step, timed
+from dist_cacheaug.train.estimate import flops_per_sequence
 
 
 def run_preset(name, args, device):

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM
-from dist_cacheaug.benchmark import MODEL_PRESETS as PRESETS
-from dist_cacheaug.decoder import freeze, hf_config_from_dict
-from dist_cacheaug.generation import generate
+from dist_cacheaug.core.decoder import freeze, hf_config_from_dict
+from dist_cacheaug.core.generation import generate
+from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
 
 
 def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:

@@ -9,7 +9,7 @@
 #        step time beside the bare benchmark, checkpoint save and resume times
 # Each section writes OUT_DIR/<section>.log; the summary lines go to stdout.
 # CONFIG=... and DS_ACCELERATOR=cpu run the same sections on another config / the CPU (the test suite
-# smoke-tests the train section that way: tests/test_gpu_paths_cpu.py).
+# smoke-tests the train section that way: tests/train/test_gpu_paths_cpu.py).
 set -uo pipefail
 OUT="${1:?usage: bench/gpu_check.sh OUT_DIR [sections...]}"
 shift

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from dist_cacheaug import sample_positions
-from dist_cacheaug.masks import (
+from dist_cacheaug.core.masks import (
     BLOCK_SIZE,
     TraceLayout,
     allowed_bqk,
@@ -40,7 +40,7 @@ FIELDS += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 def step_layouts(args, device) -> dict[str, TraceLayout]:
-    """The coprocessor and decoder layouts of one micro-step, as dist_cacheaug/model.py builds them."""
+    """The coprocessor and decoder layouts of one micro-step, as dist_cacheaug/core/model.py builds them."""
     b, n, p, n_l, n_a = args.micro_batch, args.seq, args.positions, args.num_latents, args.num_ahead
     pos = sample_positions(b, n, p, n_a, torch.Generator().manual_seed(0)).to(device)
     ar = lambda lo, hi: torch.arange(lo, hi, device=device)  # noqa: E731

@@ -182,14 +182,16 @@ def child_baseline() -> None:
     import transformers  # noqa: F401
 
     import dist_cacheaug  # noqa: F401
-    from dist_cacheaug import cli, engine, estimate, model, trainer  # noqa: F401
+    from dist_cacheaug.train import (
+        trainer,  # noqa: F401
+    )
 
 
 def child_save(name: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dist_cacheaug.decoder import hf_config_from_dict
+    from dist_cacheaug.core.decoder import hf_config_from_dict
 
     hf = hf_config_from_dict(hf_kwargs(name))
     torch.manual_seed(0)
@@ -203,9 +205,10 @@ def child_reload(run_dir: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from dist_cacheaug import checkpoint, load_config
-    from dist_cacheaug.decoder import build_decoder
-    from dist_cacheaug.model import CacheAugmentedLM
+    from dist_cacheaug import load_config
+    from dist_cacheaug.core.decoder import build_decoder
+    from dist_cacheaug.core.model import CacheAugmentedLM
+    from dist_cacheaug.train import checkpoint
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     decoder = build_decoder(cfg.model, device="cpu")
@@ -250,7 +253,7 @@ def mem_available_gib() -> float | None:
 
 def bench_model(name: str, out: Path, data: Path, baseline_gib: float, keep: bool, force: bool) -> dict:
     from dist_cacheaug import load_config
-    from dist_cacheaug.estimate import memory_estimate, param_counts
+    from dist_cacheaug.train.estimate import memory_estimate, param_counts
 
     yaml_path = str(ROOT / MODELS[name][0])
     work = out / name

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_tools import make_shards, train_tokenizer  # noqa: E402
-from dist_cacheaug import load_config  # noqa: E402
+from dist_cacheaug import load_config  # noqa: E402  # noqa: E402
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial bag of "

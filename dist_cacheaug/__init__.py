@@ -1,7 +1,7 @@
 """dist_cacheaug: differentiable cache augmentation (Liu et al., ICML 2025) at scale."""
 
 from .config import ConfigError, RunConfig, load_config
-from .model import AugmentConfig, AugmentOutput, CacheAugmentedLM, TrainingLossOutput, sample_positions
+from .core.model import AugmentConfig, AugmentOutput, CacheAugmentedLM, TrainingLossOutput, sample_positions
 
 __all__ = [
     "AugmentConfig",

@@ -36,7 +36,7 @@ def _fmt_count(n: float) -> str:
 def cmd_config(args) -> int:
     import dataclasses
 
-    from .estimate import (
+    from .train.estimate import (
         compute_seconds_per_micro,
         flops_per_sequence,
         memory_estimate,
@@ -98,7 +98,7 @@ def cmd_config(args) -> int:
     )
     print(
         f"FLOPs per sequence {flops['total']:.3e} = {flops['ratio_to_plain_lm']:.2f}× a plain LM training step "
-        "on the same tokens (analytic model, dist_cacheaug/estimate.py)"
+        "on the same tokens (analytic model, dist_cacheaug/train/estimate.py)"
     )
     z = cfg.zero
     hpz = f" + hpZ {z.hpz_partition_size}" if z.hpz_partition_size > 1 else ""
@@ -212,7 +212,7 @@ def cmd_fields(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from .train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from .slurm_submit import JobSpec, submit
+    from .train.slurm import JobSpec, submit
 
     spec = JobSpec(
         nodes=args.nodes,
@@ -242,7 +242,7 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import bench_train, format_report
+    from .train.benchmark import bench_train, format_report
 
     cfg = load_config(args.config, args.overrides)
     report = bench_train(
@@ -258,31 +258,36 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _run_inference_cmd(module: str, func: str, args) -> int:
-    """Evaluation/generation handlers: import lazily; bad checkpoints, data or input exit with code 2."""
-    import importlib
-
+def _run_inference_cmd(handler, args) -> int:
+    """Evaluation/generation handlers: bad checkpoints, data or input exit with code 2 and one line."""
     from data_tools.errors import DataError
 
-    from .inference import InferenceError
+    from .evaluation.inference import InferenceError
 
     try:
-        return getattr(importlib.import_module(module, __package__), func)(args)
+        return handler(args)
     except (InferenceError, DataError) as e:
         print(f"cacheaug {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
+# Handlers import their module when called, so `cacheaug --help` and `cacheaug config` stay quick.
 def cmd_eval(args) -> int:
-    return _run_inference_cmd(".evaluation", "run_eval_cli", args)
+    from .evaluation.loss_at_k import run_eval_cli
+
+    return _run_inference_cmd(run_eval_cli, args)
 
 
 def cmd_generate(args) -> int:
-    return _run_inference_cmd(".generation", "run_generate_cli", args)
+    from .evaluation.inference import run_generate_cli
+
+    return _run_inference_cmd(run_generate_cli, args)
 
 
 def cmd_downstream(args) -> int:
-    return _run_inference_cmd(".downstream", "run_downstream_cli", args)
+    from .evaluation.downstream import run_downstream_cli
+
+    return _run_inference_cmd(run_downstream_cli, args)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -476,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="the main job: corpus -> tokenizer -> base -> coprocessors + baselines -> report (--budget quick|full)",
     )
+    # Listed here for `cacheaug --help` only: main() hands `cacheaug demo ...` to the demo's own parser.
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="see `cacheaug demo --help`")
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("slurm", help="render an sbatch job for a run and submit it (or print it: --dry-run)")
     _add_config_args(p, positional=True)
@@ -501,16 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_demo(args) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args.demo_args)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # its own parser (argparse's REMAINDER drops leading options such as --help)
-        from .demo import main as demo_main
+        from .demo.pipeline import main as demo_main
 
         try:
             return demo_main(argv[1:])

@@ -341,7 +341,7 @@ def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -354,7 +354,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
             raise _unknown_key_error(cls, str(key), prefix)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            kwargs[key] = build_dataclass(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
@@ -425,7 +425,7 @@ def load_config(
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        cfg = _build(RunConfig, tree)
+        cfg = build_dataclass(RunConfig, tree)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
@@ -434,7 +434,7 @@ def load_config(
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    cfg = _build(RunConfig, tree)
+    cfg = build_dataclass(RunConfig, tree)
     validate(cfg)
     return cfg
 

@@ -2,7 +2,7 @@
 # The main job: a small-scale reproduction of the paper on one machine (CPU by default, a GPU when present).
 #   Shakespeare + arithmetic corpus -> sentencepiece tokenizer -> shards -> pretrain a tiny base -> freeze it
 #   -> coprocessors (N_L = 4, 16), pause tokens, base-extra-steps control -> Table-1 loss at k, held-out answers
-#   -> RUN_DIR/report.md (+ results.json, PNGs, TensorBoard)            (dist_cacheaug/demo.py)
+#   -> RUN_DIR/report.md (+ results.json, PNGs, TensorBoard)            (dist_cacheaug/demo/pipeline.py)
 # Usage: bash launchers/quickstart.sh [--quick | --full | --budget NAME|FILE] [RUN_DIR] [--publish DIR]
 #   --quick (default) about 10 min on 2 CPU cores; --full about an hour (docs/results.md comes from it).
 #   Running it again resumes: finished stages are skipped, a training run resumes from its checkpoint.

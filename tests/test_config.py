@@ -14,7 +14,7 @@ from dist_cacheaug.cli import main as cli_main
 from dist_cacheaug.config import ConfigError, deepspeed_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# configs/demo/budgets/ hold demo budgets, not run configs (tests/test_demo.py loads them)
+# configs/demo/budgets/ hold demo budgets, not run configs (tests/demo/test_demo.py loads them)
 SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "budgets" not in p.parts)
 
 
@@ -31,7 +31,7 @@ MINIMAL = "model:\n  decoder_config: {model_type: llama, hidden_size: 32}\n"
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.grad_accum_steps(1) >= 1
-    from dist_cacheaug.estimate import param_counts
+    from dist_cacheaug.train.estimate import param_counts
 
     assert param_counts(cfg).coprocessor > 0  # the architecture resolves
 
@@ -276,7 +276,7 @@ def test_stage2_json():
 
 def test_zero_comm_matches_hand_computation():
     """P = 2e9 params, bf16 (2 B), 64 ranks on 8-GPU nodes, 8 micro-steps per optimizer step."""
-    from dist_cacheaug.estimate import zero_comm
+    from dist_cacheaug.train.estimate import zero_comm
 
     p, w, acc = 2_000_000_000, 64, 8
     full = p * 2 * 63 / 64  # one ring all-gather / reduce-scatter of the bf16 tensor: 3.9375 GB per GPU
@@ -338,7 +338,7 @@ def test_stage2_trains_two_steps_on_two_ranks_and_exports(shards, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dist_cacheaug import CacheAugmentedLM
-    from dist_cacheaug.checkpoint import WEIGHTS
+    from dist_cacheaug.train.checkpoint import WEIGHTS
 
     cfg = tiny_run_config(tmp_path, shards, max_steps=2)
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -369,8 +369,8 @@ def test_stage2_trains_two_steps_on_two_ranks_and_exports(shards, tmp_path):
 BF16_ENGINE = """
 import json, sys, torch
 from dist_cacheaug import load_config
-from dist_cacheaug.decoder import build_decoder
-from dist_cacheaug.engine import build_engine
+from dist_cacheaug.core.decoder import build_decoder
+from dist_cacheaug.train.engine import build_engine
 from dist_cacheaug.variants import build_trainable
 
 out = {}

@@ -97,7 +97,7 @@ def test_trainer_end_to_end_on_gpu_zero3_bf16_flex_checkpointing(shards, tmp_pat
 
     # The export reloads around a flex decoder (the coprocessor follows the decoder's attention
     # implementation) and the reloaded model trains on the GPU.
-    from dist_cacheaug.decoder import build_decoder
+    from dist_cacheaug.core.decoder import build_decoder
 
     decoder = build_decoder(load_config(cfg).model, device=torch.device("cuda"))
     assert decoder.config._attn_implementation == "flex_attention"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dist_cacheaug.decoder import freeze
+from dist_cacheaug.core.decoder import freeze
 
 VOCAB = 61
 

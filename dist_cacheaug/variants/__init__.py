@@ -10,7 +10,7 @@ trains; LoRA's frozen base weights are there with ``requires_grad=False``), ``sa
 ``latents_for_prompt`` where augmentation means something.
 
 ==============  =====================================================================================
-coprocessor     the method (:class:`~dist_cacheaug.model.CacheAugmentedLM`); ``coprocessor_init:
+coprocessor     the method (:class:`~dist_cacheaug.core.model.CacheAugmentedLM`); ``coprocessor_init:
                 scratch`` is the from-scratch ablation
 pause           N_L trainable pause embeddings fed to the frozen decoder after x[p]; no coprocessor
 lora            LoRA adapters (peft) on a frozen copy of the decoder as the coprocessor
@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import RunConfig
-from ..model import CONFIG_NAME, CacheAugmentedLM
+from ..core.model import CONFIG_NAME, CacheAugmentedLM
 from .activations import ActivationsInputLM
 from .base_lm import BaseLM
 from .delayed import AsyncLatentsLM

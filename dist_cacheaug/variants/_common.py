@@ -21,7 +21,7 @@ def head_cross_entropy(lm: nn.Module, hidden_mh: torch.Tensor, targets_m: torch.
 def coprocessor_free_setup(decoder, num_latents, convention, soft_token_init, loss_chunk_size, seed):
     """(AugmentConfig, soft tokens on the decoder's device and dtype) for variants without a separate
     coprocessor (pause tokens, single-model latents)."""
-    from ..model import AugmentConfig, _device_of, _init_soft_tokens
+    from ..core.model import AugmentConfig, device_of, init_soft_tokens
 
     config = AugmentConfig(
         num_latents=num_latents,
@@ -31,8 +31,8 @@ def coprocessor_free_setup(decoder, num_latents, convention, soft_token_init, lo
     )
     gen = torch.Generator().manual_seed(seed)
     dtype = next(decoder.parameters()).dtype
-    soft = _init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
-        dtype=dtype, device=_device_of(decoder)
+    soft = init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
+        dtype=dtype, device=device_of(decoder)
     )
     return config, soft
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..hf_compat import cache_arg
-from ..model import CacheAugmentedLM
+from ..core.hf_compat import cache_arg
+from ..core.model import CacheAugmentedLM
 
 
 class ActivationsInputLM(CacheAugmentedLM):
@@ -33,7 +33,7 @@ class ActivationsInputLM(CacheAugmentedLM):
         hidden = self.decoder.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         cop_cache = self._coprocessor_prefix(hidden, DynamicCache(config=self.coprocessor.config))
         soft = self.soft_tokens[None].expand(input_ids.shape[0], -1, -1)
-        return self._coprocessor_states(soft, cop_cache)
+        return self.coprocessor_states(soft, cop_cache)
 
     def latents_for_cache(self, cache, batch):
         raise NotImplementedError(

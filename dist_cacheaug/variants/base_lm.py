@@ -22,16 +22,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ..hf_compat import cache_arg
-from ..model import (
+from ..core.hf_compat import cache_arg
+from ..core.model import (
     CONFIG_NAME,
     AugmentOutput,
     TrainingLossOutput,
-    _check_positions,
-    _check_prompt,
-    _checkpoint_layers,
-    _device_of,
+    check_positions,
+    check_prompt,
+    checkpoint_layers,
     decoder_fingerprint,
+    device_of,
 )
 from ._common import head_cross_entropy, unfreeze
 
@@ -58,7 +58,7 @@ class BaseLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
     ) -> TrainingLossOutput:
         b, n = input_ids.shape
-        positions = _check_positions(positions, b, n, num_ahead)
+        positions = check_positions(positions, b, n, num_ahead)
         hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
         ce = head_cross_entropy(self.lm, hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1))
         ce_bn = ce.view(b, n - 1)  # row t: CE of x[t+1]
@@ -70,12 +70,12 @@ class BaseLM(nn.Module):
         return self.training_loss(input_ids, positions, num_ahead)
 
     def enable_activation_checkpointing(self) -> None:
-        _checkpoint_layers(self.lm.base_model.layers)
+        checkpoint_layers(self.lm.base_model.layers)
 
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
         """No latents: the trained LM's cache of the prompt and its next-token logits."""
-        b, n = _check_prompt(input_ids)
+        b, n = check_prompt(input_ids)
         cache = DynamicCache(config=self.lm.config)
         out = self.lm(input_ids=input_ids, **cache_arg(cache), use_cache=True)
         empty = out.logits.new_zeros(b, 0, self.lm.config.hidden_size)
@@ -99,4 +99,4 @@ class BaseLM(nn.Module):
             raise ValueError(f"{directory}: cannot load the trained LM: {e}") from e
         if decoder_fingerprint(lm.config) != decoder_fingerprint(decoder.config):
             raise ValueError(f"{directory}: was trained from another decoder architecture")
-        return cls(lm.to(_device_of(decoder)), decoder)
+        return cls(lm.to(device_of(decoder)), decoder)

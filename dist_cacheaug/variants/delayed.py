@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import AugmentOutput, CacheAugmentedLM, _check_prompt
+from ..core.model import AugmentOutput, CacheAugmentedLM, check_prompt
 
 
 class AsyncLatentsLM(CacheAugmentedLM):
@@ -40,14 +40,14 @@ class AsyncLatentsLM(CacheAugmentedLM):
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
         """Augment after the prompt with the latents computed ``async_delay`` tokens behind."""
-        from ..generation import _augment_at, _CleanCache
+        from ..core.generation import CleanCache, augment_at
 
-        _, n = _check_prompt(input_ids)
+        _, n = check_prompt(input_ids)
         if n <= self.async_delay:
             raise ValueError(
                 f"async_delay={self.async_delay} needs a prompt longer than {self.async_delay} tokens"
             )
-        cache, logits, next_pos, latents = _augment_at(
-            self, _CleanCache(self.decoder), input_ids, self.async_delay, return_latents=True
+        cache, logits, next_pos, latents = augment_at(
+            self, CleanCache(self.decoder), input_ids, self.async_delay, return_latents=True
         )
         return AugmentOutput(cache, logits, latents, next_pos)

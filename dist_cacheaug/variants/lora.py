@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model import (
+from ..core.model import (
     COPROCESSOR_DIR,
     SOFT_TOKENS_NAME,
     WEIGHTS_NAME,
     CacheAugmentedLM,
-    _as_coprocessor,
-    _device_of,
+    as_coprocessor,
+    device_of,
     read_export_meta,
 )
 
@@ -99,8 +99,8 @@ class LoraCoprocessorLM(CacheAugmentedLM):
         except (OSError, KeyError) as e:
             raise ValueError(f"{directory}: cannot load the LoRA adapters or soft tokens: {e}") from e
         dtype = next(decoder.parameters()).dtype
-        cop = _as_coprocessor(copy.deepcopy(decoder.base_model), config).to(dtype=dtype)
-        model = cls(decoder, cop, soft.to(dtype=dtype, device=_device_of(decoder)), config)
+        cop = as_coprocessor(copy.deepcopy(decoder.base_model), config).to(dtype=dtype)
+        model = cls(decoder, cop, soft.to(dtype=dtype, device=device_of(decoder)), config)
         model.add_adapters(int(opts["rank"]), float(opts["alpha"]), opts.get("target_modules"))
         missing = set(model.adapter_state()) - set(state)
         extra = set(state) - set(model.adapter_state())

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from ..model import (
+from ..core.model import (
     SOFT_TOKENS_NAME,
     CacheAugmentedLM,
-    _checkpoint_layers,
-    _device_of,
+    checkpoint_layers,
+    device_of,
     read_export_meta,
 )
 from ._common import coprocessor_free_setup
@@ -51,7 +51,7 @@ class PauseTokensLM(CacheAugmentedLM):
         return self.soft_tokens[None].expand(batch, -1, -1)
 
     def enable_activation_checkpointing(self) -> None:
-        _checkpoint_layers(self.decoder.base_model.layers)
+        checkpoint_layers(self.decoder.base_model.layers)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -70,4 +70,4 @@ class PauseTokensLM(CacheAugmentedLM):
         except (OSError, KeyError) as e:
             raise ValueError(f"{directory}: cannot load the pause tokens: {e}") from e
         dtype = next(decoder.parameters()).dtype
-        return cls(decoder, None, soft.to(dtype=dtype, device=_device_of(decoder)), config)
+        return cls(decoder, None, soft.to(dtype=dtype, device=device_of(decoder)), config)

@@ -19,13 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ..hf_compat import cache_arg
-from ..model import (
+from ..core.hf_compat import cache_arg
+from ..core.model import (
     SOFT_TOKENS_NAME,
     AugmentConfig,
     CacheAugmentedLM,
-    _checkpoint_layers,
-    _device_of,
+    checkpoint_layers,
+    device_of,
     read_export_meta,
 )
 from ._common import coprocessor_free_setup, head_cross_entropy, unfreeze
@@ -71,7 +71,7 @@ class SingleModelLM(CacheAugmentedLM):
         )
         return cls(copy.deepcopy(decoder), soft, config, decoder)
 
-    def _prefix_pass(self, input_ids: torch.Tensor):
+    def prefix_pass(self, input_ids: torch.Tensor):
         cache = DynamicCache()  # with grad: joint finetuning reaches the decoder through its cache too
         hidden = self.lm.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True).last_hidden_state
         return cache, hidden
@@ -80,7 +80,7 @@ class SingleModelLM(CacheAugmentedLM):
         return head_cross_entropy(self.lm, hidden_mh, targets_m)
 
     def enable_activation_checkpointing(self) -> None:
-        _checkpoint_layers(self.lm.base_model.layers)
+        checkpoint_layers(self.lm.base_model.layers)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -105,5 +105,5 @@ class SingleModelLM(CacheAugmentedLM):
             soft = load_file(str(directory / SOFT_TOKENS_NAME))["soft_tokens"]
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{directory}: cannot load the finetuned decoder or soft tokens: {e}") from e
-        device = _device_of(decoder)
+        device = device_of(decoder)
         return cls(lm.to(device), soft.to(dtype=dtype, device=device), config, decoder)

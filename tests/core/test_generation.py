@@ -1,0 +1,194 @@
+"""Generation: --no-augment = HF greedy generate; augmented = augment() + manual greedy decoding;
+re-augmentation and the asynchronous variant equal hand-written references; the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inference_helpers import tiny_world  # noqa: F401  (fixture)
+from tiny_models import VOCAB, tiny_decoder
+from transformers import DynamicCache
+
+from data_tools import load_tokenizer
+from dist_cacheaug import CacheAugmentedLM
+from dist_cacheaug.cli import main
+from dist_cacheaug.core.generation import GenerationStats, generate
+from dist_cacheaug.core.hf_compat import cache_arg
+
+NEW = 12
+
+
+def _model(family="gemma2", convention="insert", n_l=3):
+    model = CacheAugmentedLM.from_decoder(
+        tiny_decoder(family), num_latents=n_l, convention=convention, seed=1
+    )
+    with torch.no_grad():  # a coprocessor unlike the decoder: latents that matter
+        for p in model.coprocessor.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    return model
+
+
+def _prompt(b=2, n=11, seed=0):
+    return torch.randint(3, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy_from(model, cache, logits, next_pos, steps, trace=None):
+    """Manual greedy decoding from a cache and the next-token logits (appended to ``trace``)."""
+    toks = []
+    for i in range(steps):
+        if trace is not None:
+            trace.append(logits)
+        tok = logits.argmax(-1)
+        toks.append(tok)
+        if i == steps - 1:
+            break
+        pos = torch.full((tok.shape[0], 1), next_pos)
+        logits = model.decoder(input_ids=tok[:, None], **cache_arg(cache), position_ids=pos).logits[:, -1]
+        next_pos += 1
+    return torch.stack(toks, 1)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_no_augment_equals_hf_greedy_generate(family):
+    model, ids = _model(family), _prompt()
+    ours = generate(model, ids, NEW, augment=False)
+    hf = model.decoder.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert torch.equal(ours, hf)
+
+
+@pytest.mark.parametrize("convention", ["insert", "refeed"])
+def test_augmented_equals_augment_then_manual_greedy(convention):
+    model, ids = _model("gemma2", convention), _prompt()
+    trace, got = [], []
+    with torch.no_grad():
+        a = model.augment(ids)
+        want = torch.cat(
+            [ids, greedy_from(model, a.past_key_values, a.logits, a.next_position, NEW, trace)], 1
+        )
+    ours = generate(model, ids, NEW, logits_out=got)
+    assert torch.equal(ours, want)
+    torch.testing.assert_close(torch.stack(got), torch.stack(trace).float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours, model.generate(ids, NEW))
+    assert not torch.equal(ours, generate(model, ids, NEW, augment=False))  # the latents matter here
+
+
+@torch.no_grad()
+def reference_reaugment(model, ids, new, every, trace=None):
+    """Re-augmenting every K tokens = calling augment() on the whole text so far every K tokens."""
+    out = ids
+    while out.shape[1] - ids.shape[1] < new:
+        a = model.augment(out)
+        steps = min(every, new - (out.shape[1] - ids.shape[1]))
+        out = torch.cat(
+            [out, greedy_from(model, a.past_key_values, a.logits, a.next_position, steps, trace)], 1
+        )
+    return out
+
+
+@pytest.mark.parametrize("convention", ["insert", "refeed"])
+def test_reaugment_every_k_equals_reference(convention):
+    model, ids = _model("gemma2", convention), _prompt(n=9)
+    stats, got, want = GenerationStats(), [], []
+    ours = generate(model, ids, NEW, reaugment_every=3, stats=stats, logits_out=got)
+    assert torch.equal(ours, reference_reaugment(model, ids, NEW, 3, want))
+    torch.testing.assert_close(torch.stack(got), torch.stack(want).float(), atol=1e-5, rtol=1e-5)
+    assert stats.augmentations == 4 and stats.new_tokens == NEW
+    assert not torch.equal(ours, generate(model, ids, NEW))
+
+
+@torch.no_grad()
+def reference_async(model, ids, new, delay, every=None, trace=None):
+    """The coprocessor reads the HF cache of the first L-d tokens; the decoder reads all L, then the
+    latents (HF default positions), then decodes greedily. Written with plain HF calls only."""
+    dec, b = model.decoder, ids.shape[0]
+    out = ids
+    while out.shape[1] - ids.shape[1] < new:
+        length = out.shape[1]
+        view = DynamicCache(config=dec.config)
+        dec(input_ids=out[:, : length - delay], **cache_arg(view), use_cache=True)
+        soft = model.soft_tokens[None].expand(b, -1, -1)
+        z = model.coprocessor(inputs_embeds=soft, **cache_arg(view), use_cache=True).last_hidden_state
+        cache = DynamicCache(config=dec.config)
+        dec(input_ids=out, **cache_arg(cache), use_cache=True)
+        logits = dec(inputs_embeds=z, **cache_arg(cache), use_cache=True).logits[:, -1]
+        toks = []
+        steps = min(every or new, new - (length - ids.shape[1]))
+        for i in range(steps):
+            if trace is not None:
+                trace.append(logits)
+            tok = logits.argmax(-1)
+            toks.append(tok)
+            if i < steps - 1:
+                logits = dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True).logits[:, -1]
+        out = torch.cat([out, torch.stack(toks, 1)], 1)
+    return out
+
+
+@pytest.mark.parametrize("delay,every", [(1, None), (3, None), (2, 4)])
+def test_async_delay_equals_reference(delay, every):
+    model, ids = _model("gemma2"), _prompt(n=10)
+    got, want = [], []
+    ours = generate(model, ids, NEW, async_delay=delay, reaugment_every=every, logits_out=got)
+    assert torch.equal(ours, reference_async(model, ids, NEW, delay, every, want))
+    torch.testing.assert_close(torch.stack(got), torch.stack(want).float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(reference_async(model, ids, NEW, 0), generate(model, ids, NEW))  # d=0: synchronous
+
+
+def test_async_reference_is_sensitive_to_the_delay():
+    model, ids = _model("gemma2"), _prompt(n=10)
+    assert not torch.equal(reference_async(model, ids, NEW, 3), reference_async(model, ids, NEW, 0))
+
+
+def test_generate_rejects_bad_arguments():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="async_delay=5"):
+        generate(model, _prompt(1, 5), 4, async_delay=5)
+    with pytest.raises(ValueError, match="reaugment_every"):
+        generate(model, _prompt(1, 5), 4, reaugment_every=0)
+
+
+def test_eos_and_stop_callback():
+    model, ids = _model("llama"), _prompt(1, 8)
+    full = generate(model, ids, NEW)
+    eos = int(full[0, 8 + 2])
+    first = int((full[0, 8:] == eos).nonzero()[0])
+    assert generate(model, ids, NEW, eos_token_id=eos).shape[1] == 8 + first + 1
+    assert generate(model, ids, NEW, stop=lambda g: g.shape[1] >= 4).shape[1] == 8 + 4
+
+
+def test_generate_cli(tiny_world, capsys):  # noqa: F811
+    run = tiny_world["run"]
+    prompt = "Question: Ada has 3 apples. How many"
+    base = [
+        "generate",
+        "--checkpoint",
+        str(run),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+    ]
+    assert main([*base, "--no-augment"]) == 0
+    text = capsys.readouterr().out
+    # the baseline text equals HF greedy generation of the decoder from the run dir
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(tiny_world["tok"]))
+    dec = AutoModelForCausalLM.from_pretrained(run / "decoder", attn_implementation="eager")
+    ids = torch.tensor([tok.encode(prompt)])
+    hf = dec.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert text.rstrip("\n") == prompt + tok.decode(hf[0, ids.shape[1] :].tolist())
+    for extra in (
+        [],
+        ["--reaugment-every", "2", "--async-delay", "1"],
+        ["--temperature", "0.8", "--top-p", "0.9"],
+    ):
+        assert main([*base, *extra]) == 0
+        assert capsys.readouterr().out.startswith(prompt)
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "  "]) == 2
+    assert "empty" in capsys.readouterr().err

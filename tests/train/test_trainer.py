@@ -1,0 +1,360 @@
+"""The distributed trainer end to end on CPU: real `cacheaug train` processes (1 rank, and 2 ranks under
+the deepspeed launcher via launchers/local.sh), ZeRO-3 with gloo, a tiny Gemma-2-shaped decoder and tiny
+sentencepiece shards. Unit tests of rank resolution, the LR schedule and checkpoint discovery first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import tiny_run_config as _config
+
+from dist_cacheaug import CacheAugmentedLM, load_config
+from dist_cacheaug.core.decoder import build_decoder
+from dist_cacheaug.distributed import first_slurm_host, resolve
+from dist_cacheaug.train.checkpoint import decoder_digest, latest, list_checkpoints
+from dist_cacheaug.train.validation import eval_samples_for, summarize, validation_sums
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL_SH = ROOT / "launchers" / "local.sh"
+
+
+# ---------------------------------------------------------------------------------------------- unit
+def test_resolve_rank_world_from_each_launcher():
+    ds = resolve(
+        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    )
+    assert (ds.rank, ds.world_size, ds.local_rank, ds.master_addr, ds.master_port, ds.launcher) == (
+        3,
+        8,
+        1,
+        "n1",
+        1234,
+        "env",
+    )
+    slurm = resolve(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_STEP_NUM_TASKS": "6",
+            "SLURM_LOCALID": "2",
+            "SLURM_STEP_NODELIST": "gpu[07-09]",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x3)",
+        }
+    )
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size, slurm.launcher) == (
+        5,
+        6,
+        2,
+        2,
+        "slurm",
+    )
+    assert slurm.master_addr == "gpu07" and slurm.master_port == 20000 + 4242
+    # An salloc shell (no step variables) and no launcher at all: world size 1 on a free local port.
+    for env in ({}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}):
+        one = resolve(env)
+        assert (one.rank, one.world_size, one.launcher, one.master_addr) == (0, 1, "none", "127.0.0.1")
+        assert 0 < one.master_port < 65536
+    assert first_slurm_host("node5") == "node5"
+    with pytest.raises(RuntimeError, match="RANK"):
+        resolve({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_lr_schedule_warmup_then_decay():
+    from dist_cacheaug.train.engine import lr_multiplier
+
+    cfg = load_config(
+        ROOT / "configs" / "tiny_cpu.yaml",
+        ["optim.warmup_steps=10", "train.max_steps=110", "optim.min_lr_ratio=0.1"],
+    )
+    fn = lr_multiplier(cfg)
+    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0) and fn(10) == pytest.approx(1.0)
+    assert fn(60) == pytest.approx(0.55) and fn(110) == pytest.approx(0.1) and fn(500) == pytest.approx(0.1)
+    lin = lr_multiplier(
+        load_config(
+            ROOT / "configs" / "tiny_cpu.yaml",
+            ["optim.warmup_steps=10", "train.max_steps=110", "optim.schedule=linear", "optim.min_lr_ratio=0"],
+        )
+    )
+    assert lin(60) == pytest.approx(0.5)
+
+
+def test_checkpoint_discovery_ignores_partial_writes(tmp_path):
+    for name in ("step_000003", "step_000010", ".tmp-step_000020", "step_000010.replaced-1", "other"):
+        (tmp_path / name).mkdir()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 10]
+    assert latest(tmp_path).name == "step_000010"
+    assert latest(tmp_path / "missing") is None
+
+
+def _cmd(nproc: int, config: Path, sets: list[str]) -> list[str]:
+    args = ["--config", str(config), *[a for s in sets for a in ("--set", s)]]
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_cacheaug.cli", "train", *args]
+    return ["bash", str(LOCAL_SH), str(nproc), *args[1:]]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_train(nproc: int, config: Path, *sets: str, check: bool = True, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _cmd(nproc, config, list(sets)),
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+DETERMINISTIC = ("loss", "loss_k1", "loss_k2", "loss_k4", "lr", "grad_norm", "nonfinite_skipped")
+
+
+def _wait_for(pred, proc, timeout=240):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def _steps_logged(run_dir: Path) -> int:
+    try:
+        return max(
+            (json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()), default=0
+        )
+    except (OSError, ValueError):
+        return 0
+
+
+# ------------------------------------------------------------------------------------ 2 ranks, ZeRO-3
+@pytest.fixture(scope="module")
+def zero3_run(shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero3")
+    cfg = _config(tmp, shards, max_steps=24, eval_interval=12, checkpoint_interval=12)
+    proc = run_train(2, cfg)
+    return tmp / "run", cfg, proc
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_zero3_loss_falls_decoder_frozen_export_reloads(zero3_run):
+    run_dir, cfg_path, proc = zero3_run
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first, last = sum(r["loss"] for r in rows[:4]) / 4, sum(r["loss"] for r in rows[-4:]) / 4
+    assert last < first - 0.05, (first, last)
+    for key in ("loss_k1", "loss_k4", "lr", "grad_norm", "tokens_per_s", "step_time", "peak_mem_gib"):
+        assert all(r[key] is not None and r[key] > 0 for r in rows), key
+    assert all(r["mfu"] is None for r in rows)  # CPU: no peak FLOPs to compare with
+    final = rows[-1]
+    assert final["val_loss"] < final["val_baseline"]  # the coprocessor helps the frozen decoder
+    assert {"val_loss_k1", "val_baseline_k1", "val_loss_k4", "val_baseline_k4"} <= set(final)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest",
+        "step_000012",
+        "step_000024",
+    ]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000024"
+
+    # The frozen decoder: bitwise the seeded random init, on both ranks, at the end of training.
+    cfg = load_config(cfg_path)
+    state = torch.load(run_dir / "checkpoints" / "step_000024" / "train_state.pt", weights_only=False)
+    saved = build_decoder(cfg.model, seed=cfg.train.seed)
+    want = decoder_digest(saved)
+    assert [r["decoder_digest"] for r in state["ranks"]] == [want, want]
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(run_dir / "decoder", attn_implementation="eager")
+    assert decoder_digest(decoder) == want
+
+    # The export reloads without DeepSpeed and reproduces the trainer's own validation loss.
+    model = CacheAugmentedLM.from_pretrained(run_dir / "export", decoder=decoder)
+    sums = validation_sums(
+        model.training_loss,
+        decoder,
+        cfg,
+        rank=0,
+        world_size=1,
+        eval_samples=eval_samples_for(cfg, 2),
+        device=torch.device("cpu"),
+    )
+    again = summarize(sums, cfg.logging.offsets)
+    for key in ("val_loss", "val_baseline", "val_loss_k1", "val_baseline_k4"):
+        assert again[key] == pytest.approx(final[key], rel=1e-5), key
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_world_size_1_matches_world_size_2(zero3_run, tmp_path, shards):
+    """Same global batch (8 = 1 rank x 4 x 2 accumulation = 2 ranks x 4): same data, same losses; step 2
+    also checks that gradients are averaged the same way across ranks and micro-batches."""
+    run_dir, _, _ = zero3_run
+    cfg = _config(tmp_path, shards, max_steps=24, checkpoint_interval=12)
+    run_train(1, cfg, "train.max_steps=2")  # both steps are in warmup: same lr as the 2-rank run
+    one, two = metrics(tmp_path / "run"), metrics(run_dir)[:2]
+    for a, b in zip(one, two):
+        for key in ("loss", "loss_k1", "loss_k4", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert one[1]["grad_norm"] == pytest.approx(two[1]["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_checkpoint_of_2_ranks_resumes_on_1_rank(zero3_run, tmp_path):
+    src, cfg_path, _ = zero3_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_000024")  # resume from the middle of the 2-rank run
+    before = {r["step"]: r for r in metrics(src)}
+    proc = run_train(1, cfg_path, f"train.run_dir={run_dir}", "train.max_steps=24", "train.eval_interval=0")
+    assert "elastic: written by 2 rank(s), now 1" in proc.stdout
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    resumed = rows[12:]
+    # Sane continuation: from the trained weights (not a fresh start), LR schedule carried over.
+    assert all(r["loss"] < before[1]["loss"] - 0.05 for r in resumed)
+    assert abs(resumed[0]["loss"] - before[13]["loss"]) < 0.05
+    assert resumed[0]["lr"] == pytest.approx(before[13]["lr"], rel=1e-6)
+    assert (run_dir / "export" / "cacheaug_config.json").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_kill9_then_rerun_resumes_exactly(shards, tmp_path):
+    cfg = _config(tmp_path, shards, max_steps=12, checkpoint_interval=3)
+    sets = ["train.run_dir=" + str(tmp_path / "a")]
+    run_train(2, cfg, *sets, CACHEAUG_DATA_TRACE="1")
+    b_dir = tmp_path / "b"
+    cmd = _cmd(2, cfg, [f"train.run_dir={b_dir}"])
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(CACHEAUG_DATA_TRACE="1"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(
+            lambda: (b_dir / "checkpoints" / "step_000003").is_dir() and _steps_logged(b_dir) >= 4, proc
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _steps_logged(b_dir) < 12
+    out = run_train(2, cfg, f"train.run_dir={b_dir}", CACHEAUG_DATA_TRACE="1")
+    assert "resumed from" in out.stdout and "(exact)" in out.stdout
+    a, b = metrics(tmp_path / "a"), metrics(b_dir)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for ra, rb in zip(a, b):
+        for key in DETERMINISTIC:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+    # Data: per rank, the samples of each step (the rerun's record wins) equal the uninterrupted run's.
+    def per_step(run: Path, rank: int) -> dict:
+        seen = {}
+        for line in (run / "data_trace" / f"rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            seen[(rec["step"], rec["micro"])] = rec["samples"]
+        return seen
+
+    for rank in (0, 1):
+        sa, sb = per_step(tmp_path / "a", rank), per_step(b_dir, rank)
+        assert sa == sb and len(sa) == 12
+    flat = [
+        s
+        for rank in (0, 1)
+        for line in (b_dir / "data_trace" / f"rank{rank}.jsonl").read_text().splitlines()
+        for s in json.loads(line)["samples"]
+    ]
+    # Records after the checkpoint were written twice (before the kill, after the rerun); none other repeats.
+    assert len(set(flat)) == 12 * 8
+
+
+# ----------------------------------------------------------------------------------- faults, 1 rank
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero_then_corrupt_or_incompatible_is_refused(shards, tmp_path):
+    cfg = _config(tmp_path, shards, max_steps=200)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(1, cfg, []), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(lambda: _steps_logged(run_dir) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    step = _steps_logged(run_dir)
+    assert 2 <= step < 200 and "stop signal received" in out
+    ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", ckpt.name]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == step and all((ckpt / f).stat().st_size == n for f, n in meta["files"].items())
+    assert not (run_dir / "export").exists()  # not finished: nothing exported
+
+    # Another model shape: refused, naming the checkpoint; nothing touched.
+    files = {p: p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
+    bad = run_train(1, cfg, "model.num_latents=3", check=False)
+    assert bad.returncode != 0
+    assert f"checkpoint {ckpt} is incompatible" in bad.stderr and "num_latents" in bad.stderr
+    # A truncated file: refused as corrupt; left in place.
+    state = ckpt / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    files[state] = 100
+    bad = run_train(1, cfg, check=False)
+    assert (
+        bad.returncode != 0
+        and f"checkpoint {ckpt} is corrupt" in bad.stderr
+        and "train_state.pt" in bad.stderr
+    )
+    assert {p: p.stat().st_size for p in ckpt.rglob("*") if p.is_file()} == files
+    assert _steps_logged(run_dir) == step
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_is_skipped_and_counted_then_aborts(shards, tmp_path):
+    cfg = _config(tmp_path, shards, max_steps=5)
+    run_train(1, cfg, "optim.warmup_steps=4", CACHEAUG_INJECT_NAN_STEPS="2,3")
+    rows = metrics(tmp_path / "run")
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 2, 2, 2]
+    assert [r["loss"] is None for r in rows] == [False, True, True, False, False]
+    assert rows[1]["grad_norm"] is None and rows[3]["grad_norm"] is not None
+    assert rows[3]["lr"] == rows[1]["lr"]  # skipped updates do not advance the schedule
+    assert all(r["loss"] is not None and r["loss"] < 6.5 for r in rows[3:])  # weights not poisoned
+
+    bad = run_train(
+        1,
+        cfg,
+        f"train.run_dir={tmp_path / 'abort'}",
+        "train.max_nonfinite_steps=1",
+        check=False,
+        CACHEAUG_INJECT_NAN_STEPS="2,3,4",
+    )
+    assert bad.returncode != 0
+    assert (
+        "non-finite loss/gradient in 2 consecutive steps" in bad.stderr
+        and "max_nonfinite_steps=1" in bad.stderr
+    )

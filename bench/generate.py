@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,23 +20,19 @@ from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.core.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.core.generation import generate
 from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
+from dist_cacheaug.train.benchmark import timed
 
 
-def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Best wall time (s) of each function over ``repeats`` rounds after one warm-up round. The variants
-    run interleaved within each round, so a busy machine slows them alike."""
+def timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Best wall time (s) of each function over ``repeats`` rounds after one warm-up round, each call
+    timed by ``train.benchmark.timed``. The variants run interleaved within each round, so a busy
+    machine slows them alike."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            best[name] = min(best[name], timed(fn, device, repeats=1, warmup=0)[0])
     return best
 
 
@@ -54,7 +49,7 @@ def run_preset(name: str, args, device: torch.device) -> list[dict]:
     rows = []
     for n_l in args.latents:
         model = CacheAugmentedLM.from_decoder(decoder, num_latents=n_l, seed=0).eval()
-        t = timed(
+        t = timed_interleaved(
             {
                 "base": lambda m=model: generate(m, ids, a, augment=False),
                 "aug": lambda m=model: generate(m, ids, a),

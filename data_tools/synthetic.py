@@ -1,5 +1,5 @@
 """A generated reasoning corpus: multi-step arithmetic word problems whose answer needs computation over
-earlier tokens, so deliberation in latent space has something to do (DESIGN.md §2). Some documents show
+earlier tokens, so deliberation in latent space has something to do (docs/results_notes.md). Some documents show
 worked steps in GSM8K's answer format (``... #### 42``); others give the answer right after the question,
 where a frozen decoder must compute it "in its head" — the case where augmentation helped in our trials."""
 

@@ -70,7 +70,7 @@ class ModelConfig:
     #: With ``anchor_text``: the share of the P positions placed on the marker's occurrences in each
     #: sequence (as many as it has, up to that share); the rest stay uniform over the other positions.
     convention: Literal["insert", "refeed"] = "insert"
-    #: Position-id convention for latents (DESIGN.md §1): "insert" gives latents p+1..p+N_L and
+    #: Position-id convention for latents (docs/design.md §1.6): "insert" gives latents p+1..p+N_L and
     #: ahead tokens continue after them; "refeed" re-feeds x[p] after the latents at its own position.
     latent_final_norm: bool = True
     #: Apply the coprocessor's final norm to its output states before they become latents (our choice:

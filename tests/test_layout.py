@@ -1,4 +1,4 @@
-"""The package's layer rules (docs/design.md, "Architecture"), checked on the imports of every module:
+"""The package's layer rules (docs/design.md §2.1), checked on the imports of every module:
 each layer imports only the layers below it, so the import graph has no circle and no upward arrow."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ ALLOWED = {
     "config": set(),
     "data": set(),
     "distributed": set(),
+    "resources": set(),
     "core": {"config"},
     "variants": {"config", "core"},
-    "train": {"config", "data", "distributed", "core", "variants"},
-    "evaluation": {"config", "data", "distributed", "core", "variants"},
-    "demo": {"config", "data", "distributed", "core", "variants", "train", "evaluation"},
-    "cli": {"config", "data", "distributed", "core", "variants", "train", "evaluation", "demo"},
+    "train": {"config", "data", "distributed", "resources", "core", "variants"},
+    "evaluation": {"config", "data", "distributed", "resources", "core", "variants"},
+    "demo": {"config", "data", "distributed", "resources", "core", "variants", "train", "evaluation"},
+    "cli": {"config", "data", "distributed", "resources", "core", "variants", "train", "evaluation", "demo"},
     "__init__": {"config", "core"},
 }
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -10,6 +14,7 @@ import yaml
 from data_tools import make_shards, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SH = ROOT / "launchers" / "local.sh"
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial bag".split()
 
 
@@ -78,3 +83,34 @@ def tiny_run_config(tmp_path: Path, shards: Path, name: str = "cfg.yaml", **trai
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def train_command(nproc: int, config: Path, sets: list[str]) -> list[str]:
+    args = ["--config", str(config), *[a for s in sets for a in ("--set", s)]]
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_cacheaug.cli", "train", *args]
+    return ["bash", str(LOCAL_SH), str(nproc), *args[1:]]
+
+
+def train_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_train(nproc: int, config: Path, *sets: str, check: bool = True, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        train_command(nproc, config, list(sets)),
+        env=train_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
-"""Generation with cache augmentation: augment at the end of the prompt, optionally re-augment every K
-generated tokens, optionally asynchronously (latents computed from the cache d tokens behind).
+"""The one decode loop: augment at the end of the prompt, optionally re-augment every K generated
+tokens, optionally asynchronously (latents computed from the cache d tokens behind). The augmentation
+step itself is :func:`~dist_cacheaug.core.augment.augment_at`; ``CacheAugmentedLM.generate`` is this loop.
 
 Semantics (our reading of the paper; its appendix on asynchronous augmentation gives no pseudo-code):
 
@@ -19,10 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from torch import nn
 
+from .augment import (
+    CleanCache,
+    augment_at,
+    check_delay,
+    check_prompt,
+    read_prompt,
+    sample_next_token,
+)
 from .hf_compat import cache_arg
-from .model import CacheAugmentedLM, clone_cache, sample_next_token
 
 
 @dataclass
@@ -31,63 +39,9 @@ class GenerationStats:
     new_tokens: int = 0
 
 
-class CleanCache:
-    """The decoder cache of real tokens only (no latents), advanced lazily; snapshots are cheap
-    (``clone_cache`` shares tensors; layers rebind on update)."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.cache = DynamicCache(config=decoder.config)
-        self.length = 0
-
-    def advance_to(self, ids: torch.Tensor, length: int) -> DynamicCache:
-        if length < self.length:
-            raise RuntimeError(f"clean cache is at {self.length} tokens, cannot go back to {length}")
-        if length > self.length:
-            pos = torch.arange(self.length, length, device=ids.device)[None].expand(ids.shape[0], -1)
-            self.decoder.base_model(
-                input_ids=ids[:, self.length : length],
-                **cache_arg(self.cache),
-                use_cache=True,
-                position_ids=pos,
-            )
-            self.length = length
-        return clone_cache(self.cache)
-
-
-def augment_at(
-    model: CacheAugmentedLM, clean: CleanCache, ids: torch.Tensor, delay: int, return_latents: bool = False
-):
-    """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id),
-    and the latents [B, N_L, H] last when ``return_latents``."""
-    b, length = ids.shape
-    n_l, dec = model.num_latents, model.decoder
-    dtype = next(dec.parameters()).dtype
-    refeed = model.aug_config.convention == "refeed"
-    view_len = length - delay
-    base_len = length - 1 if refeed else length
-    snaps = {}
-    for n in sorted({view_len, base_len}):
-        snaps[n] = clean.advance_to(ids, n)
-    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len]).to(dtype)
-    cache = snaps[base_len]
-    if refeed:
-        inputs = torch.cat([latents, dec.get_input_embeddings()(ids[:, -1:])], 1)
-        pos = torch.cat([torch.arange(length, length + n_l), torch.tensor([length - 1])])
-        next_pos = length
-    else:
-        inputs, pos = latents, torch.arange(length, length + n_l)
-        next_pos = length + n_l
-    pos = pos.to(ids.device)[None].expand(b, -1)
-    out = dec(inputs_embeds=inputs, **cache_arg(cache), use_cache=True, position_ids=pos)
-    if return_latents:
-        return cache, out.logits[:, -1].float(), next_pos, latents
-    return cache, out.logits[:, -1].float(), next_pos
-
-
 @torch.no_grad()
 def generate(
-    model: CacheAugmentedLM,
+    model: nn.Module,  # a CacheAugmentedLM (model.py imports this module, so no import back)
     input_ids: torch.Tensor,
     max_new_tokens: int = 32,
     *,
@@ -110,8 +64,7 @@ def generate(
     callable ``stop(generated_ids [B, t]) -> bool`` checked after each token (e.g. stop strings).
     ``logits_out``: a list that receives the next-token logits [B, V] of every step (for tests/analysis).
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
+    check_prompt(input_ids)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if async_delay is None:
@@ -120,11 +73,9 @@ def generate(
         raise ValueError(f"reaugment_every must be >= 1, got {reaugment_every}")
     if async_delay < 0:
         raise ValueError(f"async_delay must be >= 0, got {async_delay}")
-    if augment and input_ids.shape[1] <= async_delay:
-        raise ValueError(
-            f"async_delay={async_delay} needs a prompt longer than {async_delay} tokens "
-            f"(got {input_ids.shape[1]}): the coprocessor must see at least one token"
-        )
+    augment = augment and model.num_latents > 0  # nothing to write (base_lm): plain decoding
+    if augment:
+        check_delay(input_ids.shape[1], async_delay)
     stats = stats if stats is not None else GenerationStats()
     b, n = input_ids.shape
     dec = model.decoder
@@ -133,8 +84,7 @@ def generate(
         cache, logits, next_pos = augment_at(model, clean, input_ids, async_delay)
         stats.augmentations += 1
     else:
-        cache = DynamicCache(config=dec.config)
-        logits = dec(input_ids=input_ids, **cache_arg(cache), use_cache=True).logits[:, -1].float()
+        cache, logits = read_prompt(dec, input_ids)
         next_pos = n
     ids = input_ids
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)

@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from .augment import AugmentOutput, augment_prompt
+from .cache import clone_cache, read_only_view
+from .generation import generate as decode_loop
 from .hf_compat import cache_arg, layer_cache
 from .losses import chunked_cross_entropy, lm_head_of
 from .masks import TraceLayout, attention_masks
@@ -33,7 +35,7 @@ SOFT_TOKENS_NAME = "soft_tokens.safetensors"
 @dataclass
 class AugmentConfig:
     num_latents: int = 16
-    convention: str = "insert"  # "insert" | "refeed" (DESIGN.md §1)
+    convention: str = "insert"  # "insert" | "refeed" (docs/design.md §1.6)
     latent_final_norm: bool = True
     soft_token_init: str = "embedding_sample"
     coprocessor_init: str = "decoder"
@@ -51,43 +53,6 @@ class TrainingLossOutput:
     loss: torch.Tensor  # scalar: mean CE over traces and offsets
     loss_per_offset: torch.Tensor  # [num_ahead]: mean CE of the k-th token after the position
     num_predictions: int
-
-
-@dataclass
-class AugmentOutput:
-    past_key_values: DynamicCache  # decoder cache of the prompt with the latents appended
-    logits: torch.Tensor  # [B, V]: the decoder's next-token prediction after the latents
-    latents: torch.Tensor  # [B, N_L, H]
-    next_position: int  # position id of the next token to feed (plain HF default for "insert")
-
-
-def clone_cache(cache: DynamicCache) -> DynamicCache:
-    """A cache that shares the tensors but not the structure. Layers rebind (torch.cat) rather than
-    write in place on update, so appending to the clone leaves the original untouched."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
-
-
-class _ReadOnlyLayer(DynamicLayer):
-    """A cache layer that returns prefix + new keys but never stores them. The extended passes only read
-    the prefix, and a layer recomputed by activation checkpointing then sees the very same prefix."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-def read_only_view(cache: DynamicCache) -> DynamicCache:
-    """The same prefix keys/values (no copy) behind layers that never grow."""
-    view = copy.copy(cache)
-    layers = []
-    for layer in cache.layers:
-        ro = _ReadOnlyLayer.__new__(_ReadOnlyLayer)
-        ro.__dict__.update(layer.__dict__)
-        layers.append(ro)
-    view.layers = layers
-    view.read_only = True
-    return view
 
 
 def _checkpointed_forward(self, *args, **kwargs):
@@ -109,6 +74,7 @@ def checkpoint_layers(layers: nn.ModuleList) -> None:
 
 
 def decoder_fingerprint(config) -> dict:
+    """The architecture fields an export records, to refuse loading it around another decoder."""
     keys = (
         "model_type",
         "hidden_size",
@@ -155,8 +121,100 @@ def sample_positions(
     return torch.stack(rows).to(device)
 
 
+def attn_implementation_of(decoder: nn.Module) -> str:
+    """The attention implementation a model's masks are built for ("eager" when unset)."""
+    return getattr(decoder.config, "_attn_implementation", "eager") or "eager"
+
+
+def frozen_prefix_pass(decoder: nn.Module, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """``decoder`` over the whole sequence without grad: (full-layer cache, last hidden states). Every
+    key stays in every layer: the extended passes window through their masks."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        hidden = decoder.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True).last_hidden_state
+    return cache, hidden
+
+
+def trace_pass(
+    decoder: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    latents_bpld: torch.Tensor,
+    cache: DynamicCache,
+    num_ahead: int,
+    convention: str,
+    implementation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder over [latents, ahead tokens] of every trace in one extended pass over ``cache`` (the
+    sequence's full-layer cache). Returns (hidden states [B*P*N_A, H] that predict the targets, targets
+    [B*P*N_A]: x[p+1..p+N_A] of each trace). N_L = 0 with "refeed" is the pass without latents."""
+    b, n = input_ids.shape
+    p_count, n_l, n_a = positions.shape[1], latents_bpld.shape[2], num_ahead
+    device = input_ids.device
+    dec_dtype = next(decoder.parameters()).dtype
+    if convention == "insert":
+        ahead_offsets = torch.arange(1, n_a, device=device)  # x[p+1 .. p+N_A-1]
+        trace_pos = torch.arange(1, n_l + n_a, device=device)[None, None] + positions[:, :, None]
+        prefix_end = positions
+        window_pos = None  # = position ids
+        predict_rows = torch.arange(n_l - 1, n_l - 1 + n_a, device=device)
+    else:  # refeed: [z, x[p], ..., x[p+N_A-1]] at positions [p+1..p+N_L, p, ..., p+N_A-1]
+        ahead_offsets = torch.arange(0, n_a, device=device)
+        rel = torch.cat([torch.arange(1, n_l + 1, device=device), torch.arange(0, n_a, device=device)])
+        trace_pos = rel[None, None] + positions[:, :, None]
+        prefix_end = positions - 1
+        # HF decoding of the trace alone puts trace token i at cache index p + i.
+        window_pos = (positions[:, :, None] + torch.arange(n_l + n_a, device=device)).reshape(b, -1)
+        predict_rows = torch.arange(n_l, n_l + n_a, device=device)
+    ahead_ids = torch.gather(input_ids, 1, (positions[:, :, None] + ahead_offsets).reshape(b, -1))
+    hidden_size = latents_bpld.shape[-1]
+    ahead_emb = decoder.get_input_embeddings()(ahead_ids).view(b, p_count, len(ahead_offsets), hidden_size)
+    trace_in = torch.cat([latents_bpld, ahead_emb], dim=2)
+    t_len = trace_in.shape[2]
+    dec_layout = TraceLayout(
+        prefix_len=n,
+        trace_len=t_len,
+        prefix_end_bp=prefix_end,
+        position_ids_bq=trace_pos.reshape(b, -1),
+        window_pos_bq=window_pos,
+    )
+    dec_mask = attention_masks(decoder.config, dec_layout, dtype=dec_dtype, implementation=implementation)
+    hidden = decoder.base_model(
+        inputs_embeds=trace_in.reshape(b, p_count * t_len, -1),
+        attention_mask=dec_mask,
+        position_ids=dec_layout.position_ids_bq,
+        **cache_arg(read_only_view(cache)),
+        use_cache=True,
+    ).last_hidden_state
+    hidden_bpah = hidden.view(b, p_count, t_len, -1)[:, :, predict_rows]
+    targets = torch.gather(
+        input_ids, 1, (positions[:, :, None] + torch.arange(1, n_a + 1, device=device)).reshape(b, -1)
+    )
+    return hidden_bpah.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+
+@torch.no_grad()
+def no_latent_trace_loss(
+    decoder: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
+) -> TrainingLossOutput:
+    """The trace pass with zero latents ("coprocessor disabled"): every trace re-reads
+    x[p..p+num_ahead-1] after the prefix x[0..p-1] (:func:`trace_pass`, "refeed" with N_L = 0). Equals
+    the plain decoder's CE to float tolerance; evaluation's ``augment=False`` checks the pipeline with it."""
+    b = input_ids.shape[0]
+    cache, hidden = frozen_prefix_pass(decoder, input_ids)
+    no_latents = hidden.new_zeros(b, positions.shape[1], 0, hidden.shape[-1])
+    hidden_mh, targets_m = trace_pass(
+        decoder, input_ids, positions, no_latents, cache, num_ahead, "refeed", attn_implementation_of(decoder)
+    )
+    weight, softcap = lm_head_of(decoder)
+    ce = chunked_cross_entropy(hidden_mh, targets_m, weight, softcap)
+    per_offset = ce.view(-1, num_ahead).mean(0)
+    return TrainingLossOutput(per_offset.mean(), per_offset, ce.numel())
+
+
 class CacheAugmentedLM(nn.Module):
     variant_name = "coprocessor"  # recorded in the export; see dist_cacheaug/variants
+    async_delay: int = 0  # latents from the cache this many tokens behind (the "async" variant sets it)
 
     def __init__(
         self, decoder: nn.Module, coprocessor: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig
@@ -222,15 +280,8 @@ class CacheAugmentedLM(nn.Module):
         return {}
 
     # ---- the three passes --------------------------------------------------------------------------
-    def _prefix_cache(self, input_ids: torch.Tensor, full_layers: bool) -> DynamicCache:
-        """Decoder pass over ``input_ids`` without grad. ``full_layers``: keep every key in every layer
-        (the multi-trace pass windows through its mask); else HF's own cache for this config."""
-        cache = DynamicCache() if full_layers else DynamicCache(config=self.decoder.config)
-        with torch.no_grad():
-            self.decoder.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True)
-        return cache
-
     def coprocessor_states(self, inputs_bqh, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """[B, Q, H] last hidden states of the coprocessor over ``inputs_bqh`` appended to ``cache``."""
         out = self.coprocessor(
             inputs_embeds=inputs_bqh,
             attention_mask=attention_mask,
@@ -247,12 +298,13 @@ class CacheAugmentedLM(nn.Module):
         checkpoint_layers(self.decoder.base_model.layers)
 
     def attn_implementation(self) -> str:
-        return getattr(self.decoder.config, "_attn_implementation", "eager") or "eager"
+        """The attention implementation the trace masks are built for (the decoder's)."""
+        return attn_implementation_of(self.decoder)
 
     def training_loss(
         self, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int
     ) -> TrainingLossOutput:
-        """All P traces of every sequence in one pass (DESIGN.md §1): equals running each trace alone.
+        """All P traces of every sequence in one pass (docs/design.md §1.4-1.5): equals running each trace alone.
         (1) frozen decoder over the sequence; (2) :meth:`trace_latents`; (3) :meth:`trace_loss`.
         Variants (``dist_cacheaug/variants``) replace step (2) and leave (1) and (3) as they are."""
         b, n = input_ids.shape
@@ -263,12 +315,7 @@ class CacheAugmentedLM(nn.Module):
 
     def prefix_pass(self, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
         """(1) The frozen decoder over the whole sequence, no grad: (full-layer cache, last hidden states)."""
-        cache = DynamicCache()
-        with torch.no_grad():
-            hidden = self.decoder.base_model(
-                input_ids=input_ids, **cache_arg(cache), use_cache=True
-            ).last_hidden_state
-        return cache, hidden
+        return frozen_prefix_pass(self.decoder, input_ids)
 
     def coprocessor_layout(
         self, positions: torch.Tensor, view_end: torch.Tensor, prefix_len: int
@@ -314,54 +361,18 @@ class CacheAugmentedLM(nn.Module):
         num_ahead: int,
     ) -> TrainingLossOutput:
         """(3) The decoder over [latents, ahead tokens] of every trace; CE per ahead offset."""
-        b, n = input_ids.shape
-        p_count, n_l, n_a = positions.shape[1], latents_bpld.shape[2], num_ahead
-        device = input_ids.device
-        dec_dtype = next(self.decoder.parameters()).dtype
-        if self.aug_config.convention == "insert":
-            ahead_offsets = torch.arange(1, n_a, device=device)  # x[p+1 .. p+N_A-1]
-            trace_pos = torch.arange(1, n_l + n_a, device=device)[None, None] + positions[:, :, None]
-            prefix_end = positions
-            window_pos = None  # = position ids
-            predict_rows = torch.arange(n_l - 1, n_l - 1 + n_a, device=device)
-        else:  # refeed: [z, x[p], ..., x[p+N_A-1]] at positions [p+1..p+N_L, p, ..., p+N_A-1]
-            ahead_offsets = torch.arange(0, n_a, device=device)
-            rel = torch.cat([torch.arange(1, n_l + 1, device=device), torch.arange(0, n_a, device=device)])
-            trace_pos = rel[None, None] + positions[:, :, None]
-            prefix_end = positions - 1
-            # HF decoding of the trace alone puts trace token i at cache index p + i.
-            window_pos = (positions[:, :, None] + torch.arange(n_l + n_a, device=device)).reshape(b, -1)
-            predict_rows = torch.arange(n_l, n_l + n_a, device=device)
-        ahead_ids = torch.gather(input_ids, 1, (positions[:, :, None] + ahead_offsets).reshape(b, -1))
-        hidden_size = latents_bpld.shape[-1]
-        ahead_emb = self.decoder.get_input_embeddings()(ahead_ids).view(
-            b, p_count, len(ahead_offsets), hidden_size
+        hidden_mh, targets_m = trace_pass(
+            self.decoder,
+            input_ids,
+            positions,
+            latents_bpld,
+            cache,
+            num_ahead,
+            self.aug_config.convention,
+            self.attn_implementation(),
         )
-        trace_in = torch.cat([latents_bpld, ahead_emb], dim=2)
-        t_len = trace_in.shape[2]
-        dec_layout = TraceLayout(
-            prefix_len=n,
-            trace_len=t_len,
-            prefix_end_bp=prefix_end,
-            position_ids_bq=trace_pos.reshape(b, -1),
-            window_pos_bq=window_pos,
-        )
-        dec_mask = attention_masks(
-            self.decoder.config, dec_layout, dtype=dec_dtype, implementation=self.attn_implementation()
-        )
-        hidden = self.decoder.base_model(
-            inputs_embeds=trace_in.reshape(b, p_count * t_len, -1),
-            attention_mask=dec_mask,
-            position_ids=dec_layout.position_ids_bq,
-            **cache_arg(read_only_view(cache)),
-            use_cache=True,
-        ).last_hidden_state
-        hidden_bpah = hidden.view(b, p_count, t_len, -1)[:, :, predict_rows]
-        targets = torch.gather(
-            input_ids, 1, (positions[:, :, None] + torch.arange(1, n_a + 1, device=device)).reshape(b, -1)
-        )
-        ce = self.token_ce(hidden_bpah.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
-        per_offset = ce.view(-1, n_a).mean(0)
+        ce = self.token_ce(hidden_mh, targets_m)
+        per_offset = ce.view(-1, num_ahead).mean(0)
         return TrainingLossOutput(
             loss=per_offset.mean(), loss_per_offset=per_offset, num_predictions=ce.numel()
         )
@@ -388,38 +399,12 @@ class CacheAugmentedLM(nn.Module):
 
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
-        """Read the prompt, write N_L latents into the decoder's cache. Continue with plain HF calls
-        (``decoder(next_ids, **cache_arg(out.past_key_values))``, ``cache_arg`` from ``hf_compat``; for "refeed" also pass
-        ``position_ids`` starting at ``out.next_position``)."""
-        b, n = check_prompt(input_ids)
-        dec_dtype = next(self.decoder.parameters()).dtype
-        if self.aug_config.convention == "insert":
-            cache = self._prefix_cache(input_ids, full_layers=False)
-            latents = self.latents_for_prompt(input_ids, cache).to(dec_dtype)
-            out = self.decoder(inputs_embeds=latents, **cache_arg(cache), use_cache=True)
-            return AugmentOutput(cache, out.logits[:, -1].float(), latents, n + self.num_latents)
-        # refeed: latents from the cache of x[0..p]; decoder cache keeps x[0..p-1], then [z, x[p]].
-        if n > 1:
-            cache = self._prefix_cache(input_ids[:, :-1], full_layers=False)
-        else:  # a one-token prompt: no prefix before x[p]
-            cache = DynamicCache(config=self.decoder.config)
-        seen = clone_cache(cache)
-        self.decoder.base_model(
-            input_ids=input_ids[:, -1:],
-            **cache_arg(seen),
-            use_cache=True,
-            position_ids=torch.full((b, 1), n - 1, device=input_ids.device),
-        )
-        latents = self.latents_for_prompt(input_ids, seen).to(dec_dtype)
-        last = self.decoder.get_input_embeddings()(input_ids[:, -1:])
-        pos = torch.cat([torch.arange(n, n + self.num_latents), torch.tensor([n - 1])]).to(input_ids.device)
-        out = self.decoder(
-            inputs_embeds=torch.cat([latents, last], 1),
-            **cache_arg(cache),
-            use_cache=True,
-            position_ids=pos[None].expand(b, -1),
-        )
-        return AugmentOutput(cache, out.logits[:, -1].float(), latents, n)
+        """Read the prompt, write N_L latents into the decoder's cache (latents ``async_delay`` tokens
+        behind: 0 here, the "async" variant sets it). Continue with plain HF calls
+        (``decoder(next_ids, **cache_arg(out.past_key_values))``, ``cache_arg`` from ``hf_compat``; for
+        "refeed" also pass ``position_ids`` starting at ``out.next_position``). The step is
+        :func:`~.augment.augment_at`, the one that generation and evaluation use."""
+        return augment_prompt(self, input_ids, self.async_delay)
 
     @torch.no_grad()
     def generate(
@@ -434,35 +419,18 @@ class CacheAugmentedLM(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Augment once at the end of the prompt, then plain cached decoding. Returns [B, L + new]
-        (prompt followed by the generated tokens). ``augment=False``: the frozen decoder alone."""
-        b, n = check_prompt(input_ids)
-        if augment:
-            a = self.augment(input_ids)
-            cache, logits, next_pos = a.past_key_values, a.logits, a.next_position
-        else:
-            cache = DynamicCache(config=self.decoder.config)
-            logits = (
-                self.decoder(input_ids=input_ids, **cache_arg(cache), use_cache=True).logits[:, -1].float()
-            )
-            next_pos = n
-        out = [input_ids]
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            tok = sample_next_token(logits, temperature, top_p, generator)
-            if eos_token_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-                done |= tok == eos_token_id
-            out.append(tok[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
-            pos = torch.full((b, 1), next_pos, device=input_ids.device)
-            logits = (
-                self.decoder(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos)
-                .logits[:, -1]
-                .float()
-            )
-            next_pos += 1
-        return torch.cat(out, dim=1)
+        (prompt followed by the generated tokens). ``augment=False``: the frozen decoder alone. The
+        decode loop is :func:`~.generation.generate` (which also re-augments and takes stop criteria)."""
+        return decode_loop(
+            self,
+            input_ids,
+            max_new_tokens,
+            augment=augment,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
 
     # ---- persistence -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -474,12 +442,18 @@ class CacheAugmentedLM(nn.Module):
         self.coprocessor.config.save_pretrained(cop_dir)
         state = {k: v.detach().contiguous().cpu() for k, v in self.coprocessor.state_dict().items()}
         save_file(state, str(cop_dir / WEIGHTS_NAME))
+        self.save_soft_tokens(directory)
+        self.write_meta(directory)
+
+    def save_soft_tokens(self, directory: Path) -> None:
+        """Write the soft tokens (``SOFT_TOKENS_NAME``) into an export directory that exists."""
         save_file(
             {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
         )
-        self._write_meta(directory)
 
-    def _write_meta(self, directory: Path) -> None:
+    def write_meta(self, directory: Path) -> None:
+        """Write ``cacheaug_config.json`` (variant name and options, AugmentConfig, decoder fingerprint):
+        what :func:`read_export_meta` and ``variants.load_pretrained`` read back."""
         meta = {
             "variant": self.variant_name,
             "variant_options": self.variant_options(),
@@ -545,6 +519,7 @@ def read_export_meta(
 
 # ---- helpers -----------------------------------------------------------------------------------------
 def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s parameters (where to put soft tokens and rebuilt parts)."""
     return next(module.parameters()).device
 
 
@@ -561,6 +536,8 @@ def as_coprocessor(base: nn.Module, config: AugmentConfig) -> nn.Module:
 
 
 def init_soft_tokens(decoder, n_l: int, how: str, gen: torch.Generator) -> torch.Tensor:
+    """[n_l, H] fp32 initial soft tokens: ``embedding_sample`` (random token embeddings), ``zeros`` or
+    ``normal``."""
     emb = decoder.get_input_embeddings()
     hidden = emb.weight.shape[1]
     if how == "embedding_sample":  # scaled like real token embeddings (Gemma scales inside the module)
@@ -575,6 +552,7 @@ def init_soft_tokens(decoder, n_l: int, how: str, gen: torch.Generator) -> torch
 
 
 def check_positions(positions: torch.Tensor, b: int, n: int, num_ahead: int) -> torch.Tensor:
+    """``positions`` as a [b, P] long tensor, or a clear ValueError (every trace's targets must exist)."""
     if num_ahead < 1:
         raise ValueError(f"num_ahead must be >= 1, got {num_ahead}")
     positions = torch.as_tensor(positions, dtype=torch.long)
@@ -588,23 +566,3 @@ def check_positions(positions: torch.Tensor, b: int, n: int, num_ahead: int) -> 
             f"(targets x[p+1..p+{num_ahead}] must exist); got {positions[bad].unique().tolist()}"
         )
     return positions
-
-
-def check_prompt(input_ids: torch.Tensor) -> tuple[int, int]:
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"prompt must be a non-empty [batch, length] tensor of token ids, got {tuple(input_ids.shape)}"
-        )
-    return input_ids.shape
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]

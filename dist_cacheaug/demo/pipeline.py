@@ -39,9 +39,12 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, build_dataclass
+from ..resources import CHECKOUT, repo_file
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs" / "demo"
+#: configs/demo/ of the checkout, or the copy an installed wheel carries (``repo_file``).
+CONFIGS = repo_file("configs/demo")
+#: Where the training subprocesses run and paths are shown relative to: the checkout, else the cwd.
+ROOT = CHECKOUT
 
 # The rows of the report: name -> (--set overrides on configs/demo/coprocessor.yaml, what it is).
 RUNS = {
@@ -174,7 +177,7 @@ def check_budget(b: Budget, where: Path) -> None:
 
 def _display(path: Path) -> str:
     path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return str(path.relative_to(ROOT)) if ROOT is not None and path.is_relative_to(ROOT) else str(path)
 
 
 # ---- running commands ----------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
         f"- data: {meta['data']}",
         f"- base: {meta['base']}",
         f"- runs: {meta['runs']}",
-        f"- convention: `{meta['convention']}` (DESIGN.md §1; the paper's is `insert`, see docs/ablations.md)",
+        f"- convention: `{meta['convention']}` (docs/design.md §1.6; the paper's is `insert`, see docs/ablations.md)",
         "",
         "## Loss of the k-th token after the insertion point (paper Table 1)",
         "",

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..core.cache import clone_cache
 from ..core.generation import generate
 from ..core.hf_compat import cache_arg
-from ..core.model import CacheAugmentedLM, clone_cache
+from ..core.model import CacheAugmentedLM
 from .inference import InferenceError
 
 COT_PROMPT = "Let's think step by step."

@@ -14,7 +14,6 @@ sequence, seeded by the sequence index, so every checkpoint sees the same positi
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -24,12 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from ..core.hf_compat import cache_arg
-from ..core.losses import chunked_cross_entropy, lm_head_of
-from ..core.masks import TraceLayout, attention_masks
-from ..core.model import CacheAugmentedLM, TrainingLossOutput, read_only_view
+from ..core.losses import baseline_ce, summarize_offsets
+from ..core.model import CacheAugmentedLM, no_latent_trace_loss
 
 TABLE_KS = (1, 2, 4, 8, 16, 32)
 
@@ -72,63 +68,7 @@ def parse_positions(spec: str | PositionSpec | Iterable[str], seed: int = 0) -> 
 
 # ---- the two loss computations ---------------------------------------------------------------------
 @torch.no_grad()
-def baseline_ce(decoder, input_ids: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """[B, n-1] CE of x[t+1] given x[0..t] from one plain decoder pass (row t)."""
-    hidden = decoder.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
-    weight, softcap = lm_head_of(decoder)
-    ce = chunked_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1), weight, softcap, chunk_size
-    )
-    return ce.view(input_ids.shape[0], -1)
-
-
-@torch.no_grad()
-def no_latent_trace_loss(decoder, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int):
-    """The insertion pass with zero latents ("coprocessor disabled"): every trace re-reads
-    x[p..p+num_ahead-1] after the prefix x[0..p-1] in one batched extended pass with the trace masks.
-    Equals the baseline to float tolerance; used by ``augment=False`` to check the pipeline."""
-    b, n = input_ids.shape
-    device = input_ids.device
-    cache = DynamicCache()  # full layers: windows come from the mask
-    decoder.base_model(input_ids=input_ids, **cache_arg(cache), use_cache=True)
-    offs = torch.arange(num_ahead, device=device)
-    pos = (positions[:, :, None] + offs).reshape(b, -1)
-    dtype = next(decoder.parameters()).dtype
-    layout = TraceLayout(prefix_len=n, trace_len=num_ahead, prefix_end_bp=positions - 1, position_ids_bq=pos)
-    impl = getattr(decoder.config, "_attn_implementation", "eager") or "eager"
-    mask = attention_masks(decoder.config, layout, dtype=dtype, implementation=impl)
-    hidden = decoder.base_model(
-        input_ids=torch.gather(input_ids, 1, pos),
-        attention_mask=mask,
-        position_ids=pos,
-        **cache_arg(read_only_view(cache)),
-        use_cache=True,
-    ).last_hidden_state
-    weight, softcap = lm_head_of(decoder)
-    ce = chunked_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), torch.gather(input_ids, 1, pos + 1).reshape(-1), weight, softcap
-    )
-    per_offset = ce.view(-1, num_ahead).mean(0)
-    return TrainingLossOutput(per_offset.mean(), per_offset, ce.numel())
-
-
 # ---- the measurement -------------------------------------------------------------------------------
-def summarize(aug_sum: torch.Tensor, base_sum: torch.Tensor, traces: int) -> dict:
-    aug = (aug_sum / max(traces, 1)).tolist()
-    base = (base_sum / max(traces, 1)).tolist()
-    aug_ppl = [math.exp(x) for x in aug]
-    base_ppl = [math.exp(x) for x in base]
-    return {
-        "k": list(range(1, len(aug) + 1)),
-        "baseline_ce": base,
-        "augmented_ce": aug,
-        "baseline_ppl": base_ppl,
-        "augmented_ppl": aug_ppl,
-        "ppl_change_pct": [100.0 * (a / b - 1.0) for a, b in zip(aug_ppl, base_ppl)],
-        "num_traces": traces,
-    }
-
-
 @torch.no_grad()
 def evaluate_insertion(
     model: CacheAugmentedLM,
@@ -193,7 +133,7 @@ def evaluate_insertion(
     bar.close()
     if traces == 0:
         raise ValueError("no evaluation sequences: the data yielded no batches")
-    result = summarize(aug_sum, base_sum, traces)
+    result = summarize_offsets(aug_sum, base_sum, traces)
     result.update(
         num_sequences=seqs,
         seq_len=seq_len,

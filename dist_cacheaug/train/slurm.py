@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
-
-TRAIN_SBATCH = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+from ..resources import repo_file
 
 
 @dataclass
@@ -74,7 +73,7 @@ def render(cfg: RunConfig, spec: JobSpec, config_path: Path, workdir: Path, pyth
         *[f"#SBATCH {d}" for d in directives],
         f"cd {shlex.quote(str(workdir))}",
         f"export CACHEAUG_PYTHON={shlex.quote(python)}",
-        f"exec bash {shlex.quote(str(TRAIN_SBATCH))} {shlex.quote(str(config_path))}",
+        f"exec bash {shlex.quote(str(repo_file('slurm/train.sbatch')))} {shlex.quote(str(config_path))}",
         "",
     ]
     return "\n".join(lines)

@@ -4,10 +4,12 @@
 
 Order matters: the frozen decoder is built first (no DeepSpeed object exists yet, so nothing can
 partition it), the coprocessor is built around it, then the engine (``engine.py``, the only DeepSpeed
-module) wraps just the trainable part. The loop itself is :func:`_loop`; checkpointing
-(``checkpoint.py``), monitoring (``metrics.py``) and validation (``validation.py``) sit beside it.
+module) wraps just the trainable part. :func:`_start` builds all of it into one :class:`Run`, restoring
+the newest checkpoint; :func:`_loop` then repeats :func:`_train_step` (a :class:`StepResult`), :func:`_evaluate`,
+:func:`_log_step` and :func:`_checkpoint`. Checkpointing (``checkpoint.py``), monitoring
+(``metrics.py``) and validation (``validation.py``) sit beside it.
 
-Test hooks (environment variables, read on every rank):
+Test hooks (environment variables, read once at start on every rank into :class:`TestHooks`):
 ``CACHEAUG_INJECT_NAN_STEPS=3,4`` makes rank 0's loss NaN at those (1-based) steps;
 ``CACHEAUG_DATA_TRACE=1`` appends a hash of every training sample each rank consumes to
 ``run_dir/data_trace/rank<r>.jsonl``.
@@ -22,8 +24,10 @@ import random
 import signal
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +42,9 @@ from . import checkpoint
 from .estimate import flops_per_sequence
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .validation import eval_samples_for, summarize, validation_sums
+
+if TYPE_CHECKING:  # engine.py imports DeepSpeed, which must wait until the decoder exists
+    from .engine import Engine
 
 
 class TrainingAborted(RuntimeError):
@@ -61,11 +68,41 @@ def train(cfg: RunConfig) -> None:
         distributed.destroy()
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's numbers, already averaged over every rank and micro-batch."""
+
+    loss: float
+    per_offset: list[float]  # loss at ahead offset k = 1..num_ahead
+    nonfinite: bool  # some micro-batch's loss was not finite, on some rank
+    applied: bool  # the optimizer applied the update (DeepSpeed drops non-finite gradients)
+    stop: bool  # some rank received a stop signal
+
+    @property
+    def skipped(self) -> bool:
+        return self.nonfinite or not self.applied
+
+
 @dataclass
 class TrainState:
     step: int = 0
     nonfinite_total: int = 0  # steps skipped because the loss or gradient was not finite
     nonfinite_run: int = 0  # ... of them in a row, up to now
+
+    def advance(self, result: StepResult, max_nonfinite_steps: int) -> None:
+        """Count the step just taken; too many skipped steps in a row abort the run."""
+        self.step += 1
+        if not result.skipped:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        if self.nonfinite_run > max_nonfinite_steps:
+            raise TrainingAborted(
+                f"non-finite loss/gradient in {self.nonfinite_run} consecutive steps (up to step "
+                f"{self.step}; train.max_nonfinite_steps={max_nonfinite_steps}): stopping. Lower "
+                "optim.lr or check the data; the newest checkpoint predates the problem."
+            )
 
 
 @dataclass
@@ -86,6 +123,78 @@ class StopSignal:
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class TestHooks:
+    """Test-only behaviour, from environment variables read once at start (see the module docstring)."""
+
+    __test__ = False  # not a pytest test class
+
+    nan_steps: frozenset[int] = frozenset()  # 1-based steps whose loss rank 0 makes NaN
+    trace: _DataTrace | None = None
+
+    @classmethod
+    def from_env(cls, run_dir: Path, rank: int, environ: Mapping[str, str] = os.environ) -> TestHooks:
+        steps = environ.get("CACHEAUG_INJECT_NAN_STEPS", "")
+        return cls(
+            nan_steps=frozenset(int(s) for s in steps.split(",") if s.strip()),
+            trace=_DataTrace(run_dir, rank) if environ.get("CACHEAUG_DATA_TRACE") else None,
+        )
+
+    def inject_nan(self, step: int, rank: int) -> bool:
+        return rank == 0 and step in self.nan_steps
+
+
+@dataclass
+class Run:
+    """Everything one training process holds while it trains: built by :func:`_start`, then passed to
+    every part of the loop."""
+
+    cfg: RunConfig
+    env: distributed.DistEnv
+    device: torch.device
+    eng: Engine
+    model: torch.nn.Module  # the trainable part (``variants.build_trainable``) around the frozen decoder
+    loader: object  # the resumable training loader (``data.build_train_loader``)
+    positions: torch.Generator  # draws each step's augmentation positions
+    log: MetricsLogger
+    accum: int  # micro-batches per optimizer step on this rank
+    anchor_id: int | None  # token id of ``model.anchor_text``
+    hooks: TestHooks = field(default_factory=TestHooks)
+    state: TrainState = field(default_factory=TrainState)
+    stop: StopSignal = field(default_factory=StopSignal)
+
+    def close(self) -> None:
+        self.stop.uninstall()
+        self.loader.close()
+        self.log.close()
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a step's wall time turns into: tokens/s and model FLOPs utilisation."""
+
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float | None  # all ranks together; None when the device's peak is unknown
+
+    @classmethod
+    def of(cls, run: Run) -> Throughput:
+        t = run.cfg.train
+        peak = peak_flops(run.device)
+        return cls(
+            tokens_per_step=t.global_batch_size * run.cfg.data.seq_len,
+            flops_per_step=flops_per_sequence(run.cfg)["total"] * t.global_batch_size,
+            peak_flops=peak * run.env.world_size if peak else None,
+        )
+
+    def metrics(self, step_time: float) -> dict:
+        return {
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time": step_time,
+            "mfu": self.flops_per_step / step_time / self.peak_flops if self.peak_flops else None,
+        }
 
 
 def _seed(*parts: int) -> int:
@@ -117,28 +226,31 @@ def _local_state(loader, pos_gen: torch.Generator) -> dict:
     }
 
 
-def _restore(loaded: checkpoint.Loaded, eng, loader, pos_gen, state: TrainState, cfg, env, log) -> None:
+def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
+    """Continue from ``loaded``: exactly (same world size: engine, data position, every RNG) or elastically
+    (weights were copied in before the engine was built; optimizer moments restart)."""
     restoring = time.perf_counter()
-    saved = loaded.state
+    env, saved = run.env, loaded.state
     same_world = loaded.world_size == env.world_size
     if same_world:
-        eng.load(str(loaded.path))
+        run.eng.load(str(loaded.path))
         mine = saved["ranks"][env.rank]
-        loader.load_state_dict(mine["loader"], strict=True)
-        pos_gen.set_state(mine["positions_rng"])
+        run.loader.load_state_dict(mine["loader"], strict=True)
+        run.positions.set_state(mine["positions_rng"])
         torch.set_rng_state(mine["torch_rng"])
         if mine.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda_rng"])
         random.setstate(mine["python_rng"])
         np.random.set_state(mine["numpy_rng"])
-    else:  # elastic: weights were loaded before the engine was built; optimizer moments restart
+    else:
         src = saved["ranks"][env.rank % loaded.world_size]
-        loader.load_state_dict(src["loader"], strict=False)
+        run.loader.load_state_dict(src["loader"], strict=False)
         if env.rank < loaded.world_size:
-            pos_gen.set_state(src["positions_rng"])
+            run.positions.set_state(src["positions_rng"])
         else:
-            pos_gen.manual_seed(_seed(cfg.train.seed, 1, env.rank, loaded.step))
-    eng.load_scheduler(saved["scheduler"])
+            run.positions.manual_seed(_seed(run.cfg.train.seed, 1, env.rank, loaded.step))
+    run.eng.load_scheduler(saved["scheduler"])
+    state = run.state
     state.step = int(saved["step"])
     state.nonfinite_total = int(saved["nonfinite_total"])
     state.nonfinite_run = int(saved["nonfinite_run"])
@@ -150,29 +262,36 @@ def _restore(loaded: checkpoint.Loaded, eng, loader, pos_gen, state: TrainState,
             "Adam moments restart, data position approximate"
         )
     )
-    log.message(
+    run.log.message(
         f"resumed from {loaded.path} at step {state.step} ({how}) in {time.perf_counter() - restoring:.1f} s"
     )
 
 
 def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> None:
+    run = _start(cfg, env, device)
+    run.stop.install()
+    try:
+        _loop(run)
+    finally:
+        run.close()
+
+
+def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Run:
+    """Build (or rebuild, on resume) everything the loop needs, in the order that matters."""
     from .engine import build_engine  # the DeepSpeed import happens here, after the decoder exists
 
     run_dir, world, rank = Path(cfg.train.run_dir), env.world_size, env.rank
-    accum = cfg.grad_accum_steps(world)
-    m = cfg.model
     anchor_id = resolve_anchor(cfg)  # a bad marker fails before anything is built
 
     # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it
     #    (``model.variant``: the coprocessor, or a baseline/ablation from ``variants/``).
-    decoder = build_decoder(m, device=device, seed=cfg.train.seed)
+    decoder = build_decoder(cfg.model, device=device, seed=cfg.train.seed)
     model = build_trainable(cfg, decoder)
     if cfg.zero.activation_checkpointing:
         model.enable_activation_checkpointing()
 
     # 2. The newest checkpoint, checked before anything is built on it.
-    ckpt_root = run_dir / "checkpoints"
-    found = checkpoint.latest(ckpt_root)
+    found = checkpoint.latest(run_dir / "checkpoints")
     loaded = checkpoint.read(found, checkpoint.fingerprint(model, cfg), world_size=world) if found else None
     if loaded is not None and loaded.weights is not None:  # elastic resume: weights before partitioning
         with torch.no_grad():
@@ -182,43 +301,45 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> No
         _prepare_run_dir(cfg, run_dir, decoder)
     distributed.barrier()
 
-    # 3. Engine, data, state.
-    eng = build_engine(cfg, model, world_size=world, device=device)
-    loader = build_train_loader(
-        cfg.data.train_shards,
-        seq_len=cfg.data.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        rank=rank,
-        world_size=world,
-        seed=cfg.data.seed,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        skip_corrupt=cfg.data.skip_corrupt_shards,
-    )
-    pos_gen = torch.Generator().manual_seed(_seed(cfg.train.seed, 1, rank))
-    state = TrainState()
-    log = MetricsLogger(
-        run_dir,
-        enabled=env.is_main,
-        tensorboard=cfg.logging.tensorboard,
-        console=cfg.logging.console,
-        max_steps=cfg.train.max_steps,
-        resume_step=loaded.step if loaded else 0,
+    # 3. Engine, data, state; then the checkpoint's state on top.
+    run = Run(
+        cfg=cfg,
+        env=env,
+        device=device,
+        eng=build_engine(cfg, model, world_size=world, device=device),
+        model=model,
+        loader=build_train_loader(
+            cfg.data.train_shards,
+            seq_len=cfg.data.seq_len,
+            micro_batch_size=cfg.train.micro_batch_size,
+            rank=rank,
+            world_size=world,
+            seed=cfg.data.seed,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            skip_corrupt=cfg.data.skip_corrupt_shards,
+        ),
+        positions=torch.Generator().manual_seed(_seed(cfg.train.seed, 1, rank)),
+        log=MetricsLogger(
+            run_dir,
+            enabled=env.is_main,
+            tensorboard=cfg.logging.tensorboard,
+            console=cfg.logging.console,
+            max_steps=cfg.train.max_steps,
+            resume_step=loaded.step if loaded else 0,
+        ),
+        accum=cfg.grad_accum_steps(world),
+        anchor_id=anchor_id,
+        hooks=TestHooks.from_env(run_dir, rank),
     )
     if loaded is not None:
-        _restore(loaded, eng, loader, pos_gen, state, cfg, env, log)
+        _restore(run, loaded)
     elif env.is_main:
-        log.message(
+        run.log.message(
             f"new run in {run_dir}: world size {world} x micro batch {cfg.train.micro_batch_size} x "
-            f"accumulation {accum} = global batch {cfg.train.global_batch_size}"
+            f"accumulation {run.accum} = global batch {cfg.train.global_batch_size}"
         )
-    stop = StopSignal().install()
-    try:
-        _loop(cfg, env, device, eng, model, loader, pos_gen, state, log, stop, accum, anchor_id)
-    finally:
-        stop.uninstall()
-        loader.close()
-        log.close()
+    return run
 
 
 def resolve_anchor(cfg: RunConfig) -> int | None:
@@ -237,106 +358,59 @@ def resolve_anchor(cfg: RunConfig) -> int | None:
     return tid
 
 
-def _loop(
-    cfg, env, device, eng, model, loader, pos_gen, state: TrainState, log, stop: StopSignal, accum, anchor_id
-) -> None:
-    t = cfg.train
-    seq_tokens = t.global_batch_size * cfg.data.seq_len
-    flops_per_step = flops_per_sequence(cfg)["total"] * t.global_batch_size
-    peak = peak_flops(device)
-    nan_steps = {int(s) for s in os.environ.get("CACHEAUG_INJECT_NAN_STEPS", "").split(",") if s.strip()}
-    trace = _DataTrace(Path(t.run_dir), env.rank) if os.environ.get("CACHEAUG_DATA_TRACE") else None
-    data_iter = iter(loader)
-    eng.train(True)
+# ---- the loop --------------------------------------------------------------------------------------
+def _loop(run: Run) -> None:
+    """Step until ``train.max_steps`` (then export) or until a stop signal (checkpoint, return)."""
+    t, state = run.cfg.train, run.state
+    batches = iter(run.loader)
+    speed = Throughput.of(run)
+    run.eng.train(True)
     while state.step < t.max_steps:
         start = time.perf_counter()
-        inject = state.step + 1 in nan_steps and env.rank == 0
-        lr = eng.lr  # the rate this step's update uses (the scheduler moves it after the update)
-        r = _train_step(
-            cfg,
-            eng,
-            data_iter,
-            pos_gen,
-            accum,
-            device,
-            inject,
-            stop.received is not None,
-            trace,
-            state.step + 1,
-            anchor_id,
-        )
-        state.step += 1
+        lr = run.eng.lr  # the rate this step's update uses (the scheduler moves it after the update)
+        result = _train_step(run, batches)
+        state.advance(result, t.max_nonfinite_steps)
         step_time = time.perf_counter() - start
-        if r["nonfinite"] or not r["applied"]:
-            state.nonfinite_total += 1
-            state.nonfinite_run += 1
-            if state.nonfinite_run > t.max_nonfinite_steps:
-                raise TrainingAborted(
-                    f"non-finite loss/gradient in {state.nonfinite_run} consecutive steps (up to step "
-                    f"{state.step}; train.max_nonfinite_steps={t.max_nonfinite_steps}): stopping. Lower "
-                    "optim.lr or check the data; the newest checkpoint predates the problem."
-                )
-        else:
-            state.nonfinite_run = 0
         done = state.step == t.max_steps
-        stopping = r["stop"] and not done
-        values = {}
-        if t.eval_interval and cfg.data.val_shards and (state.step % t.eval_interval == 0 or done):
-            values.update(_evaluate(cfg, env, device, eng, model.baseline_decoder))
-        if values or done or stopping or state.step % t.log_interval == 0:
-            values = {
-                "loss": r["loss"],
-                **{
-                    f"loss_k{k}": r["per_offset"][k - 1]
-                    for k in cfg.logging.offsets
-                    if k <= cfg.model.num_ahead
-                },
-                "lr": lr,
-                "grad_norm": eng.grad_norm() if r["applied"] else None,
-                "tokens_per_s": seq_tokens / step_time,
-                "step_time": step_time,
-                "mfu": flops_per_step / step_time / (peak * env.world_size) if peak else None,
-                "peak_mem_gib": peak_memory_gib(device),
-                "nonfinite_skipped": state.nonfinite_total,
-                "epoch": loader.epoch,
-                **values,
-            }
-            log.log(state.step, values)
+        stopping = result.stop and not done
+        validation = _evaluate(run) if _evaluation_due(run.cfg, state.step) else {}
+        if validation or done or stopping or state.step % t.log_interval == 0:
+            _log_step(run, result, lr, speed.metrics(step_time), validation)
         if done or stopping or state.step % t.checkpoint_interval == 0:
-            saving = time.perf_counter()
-            _save(cfg, env, eng, model, loader, pos_gen, state, final=done)
-            log.message(f"checkpoint of step {state.step} saved in {time.perf_counter() - saving:.1f} s")
+            _checkpoint(run, final=done)
         if stopping:
-            log.message(f"stop signal received: checkpointed step {state.step}, exiting for requeue")
+            run.log.message(f"stop signal received: checkpointed step {state.step}, exiting for requeue")
             return
     if state.step == t.max_steps:
-        _export(cfg, env, eng, model, log)
+        _export(run)
 
 
-def _train_step(
-    cfg, eng, data_iter, pos_gen, accum, device, inject_nan, stop_requested, trace, step, anchor_id
-) -> dict:
-    """One optimizer step over ``accum`` micro-batches; returns the global (all-rank) loss metrics.
+def _train_step(run: Run, batches: Iterator[dict]) -> StepResult:
+    """Optimizer step ``run.state.step + 1`` over ``run.accum`` micro-batches from ``batches``; returns the
+    global (all-rank) loss metrics. Does not advance ``run.state``.
 
     The sums stay on the training device (no host sync per micro-batch), are all-reduced there (nccl
     on GPU) and come to the host once, for the step's log line and the non-finite/stop decisions."""
+    cfg, eng, device = run.cfg, run.eng, run.device
     na, p = cfg.model.num_ahead, cfg.model.num_positions
+    step = run.state.step + 1
+    inject_nan = run.hooks.inject_nan(step, run.env.rank)
     # per-offset loss, loss, non-finite count, stop flag
     sums = torch.zeros(na + 3, dtype=torch.float64, device=device)
     applied = None
-    for micro in range(accum):
-        ids = next(data_iter)["input_ids"]
-        if trace is not None:
-            trace.record(step, micro, ids)
+    for micro in range(run.accum):
+        ids = next(batches)["input_ids"]
+        if run.hooks.trace is not None:
+            run.hooks.trace.record(step, micro, ids)
         ids = ids.to(device)
         positions = sample_positions(
             ids.shape[0],
             cfg.data.seq_len,
             p,
             na,
-            pos_gen,
+            run.positions,
             device,
-            anchor_mask=None if anchor_id is None else ids == anchor_id,
+            anchor_mask=None if run.anchor_id is None else ids == run.anchor_id,
             anchor_fraction=cfg.model.anchor_fraction,
         )
         out = eng.forward(ids, positions, na)
@@ -347,23 +421,47 @@ def _train_step(
         sums[:na] += out.loss_per_offset.detach().to(sums)
         sums[na] += loss.to(sums)
         sums[na + 1] += (~torch.isfinite(loss)).to(sums)
-    sums[na + 2] = float(stop_requested)
+    sums[na + 2] = float(run.stop.received is not None)
     distributed.all_reduce_(sums)
     host = sums.tolist()  # the step's one device->host transfer
-    world = max(1, torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
-    n = accum * world
+    n = run.accum * max(1, run.env.world_size)
     nonfinite = host[na + 1] > 0
     if nonfinite and applied:
         raise TrainingAborted(
             f"step {step}: DeepSpeed applied an update with a non-finite loss; the weights are "
             "no longer trustworthy (use ZeRO stage 1-3, which drop such updates)"
         )
+    return StepResult(
+        loss=host[na] / n,
+        per_offset=[v / n for v in host[:na]],
+        nonfinite=nonfinite,
+        applied=bool(applied),
+        stop=host[na + 2] > 0,
+    )
+
+
+def _evaluation_due(cfg: RunConfig, step: int) -> bool:
+    t = cfg.train
+    return bool(t.eval_interval and cfg.data.val_shards) and (
+        step % t.eval_interval == 0 or step == t.max_steps
+    )
+
+
+def _log_step(run: Run, result: StepResult, lr: float, speed: dict, validation: dict) -> None:
+    run.log.log(run.state.step, {**_step_metrics(run, result, lr, speed), **validation})
+
+
+def _step_metrics(run: Run, result: StepResult, lr: float, speed: dict) -> dict:
+    cfg = run.cfg
     return {
-        "loss": host[na] / n,
-        "per_offset": [v / n for v in host[:na]],
-        "nonfinite": nonfinite,
-        "applied": bool(applied),
-        "stop": host[na + 2] > 0,
+        "loss": result.loss,
+        **{f"loss_k{k}": result.per_offset[k - 1] for k in cfg.logging.offsets if k <= cfg.model.num_ahead},
+        "lr": lr,
+        "grad_norm": run.eng.grad_norm() if result.applied else None,
+        **speed,
+        "peak_mem_gib": peak_memory_gib(run.device),
+        "nonfinite_skipped": run.state.nonfinite_total,
+        "epoch": run.loader.epoch,
     }
 
 
@@ -372,8 +470,9 @@ def _min_over_ranks(value: int, device: torch.device) -> int:
     return int(distributed.all_reduce_(torch.tensor([value], device=device), op="min").item())
 
 
-def _evaluate(cfg, env, device, eng, decoder) -> dict:
+def _evaluate(run: Run) -> dict:
     """Validation loss per offset, augmented and baseline, over every rank's share (collective)."""
+    cfg, env, device = run.cfg, run.env, run.device
     n_samples = eval_samples_for(cfg, env.world_size)
     mine = len(
         build_eval_loader(
@@ -386,11 +485,11 @@ def _evaluate(cfg, env, device, eng, decoder) -> dict:
         )
     )
     batches = _min_over_ranks(mine, device)  # ZeRO-3 forwards are collective: the same count everywhere
-    eng.train(False)
+    run.eng.train(False)
     try:
         sums = validation_sums(  # on ``device``
-            eng.forward,
-            decoder,
+            run.eng.forward,
+            run.model.baseline_decoder,
             cfg,
             rank=env.rank,
             world_size=env.world_size,
@@ -399,51 +498,59 @@ def _evaluate(cfg, env, device, eng, decoder) -> dict:
             max_batches=batches,
         )
     finally:
-        eng.train(True)
+        run.eng.train(True)
     return summarize(distributed.all_reduce_(sums).cpu(), cfg.logging.offsets)
 
 
-def _save(cfg, env, eng, model, loader, pos_gen, state: TrainState, *, final: bool) -> None:
-    local = _local_state(loader, pos_gen)
+# ---- checkpoint and export -------------------------------------------------------------------------
+def _checkpoint(run: Run, *, final: bool) -> None:
+    saving = time.perf_counter()
+    _save(run, final=final)
+    run.log.message(f"checkpoint of step {run.state.step} saved in {time.perf_counter() - saving:.1f} s")
+
+
+def _save(run: Run, *, final: bool) -> None:
+    cfg, state = run.cfg, run.state
+    local = _local_state(run.loader, run.positions)
     if final:  # proof for tests and users that the frozen decoder never changed
-        local["decoder_digest"] = checkpoint.decoder_digest(model.baseline_decoder)
+        local["decoder_digest"] = checkpoint.decoder_digest(run.model.baseline_decoder)
     global_state = {
         "step": state.step,
-        "scheduler": eng.scheduler.state_dict(),
+        "scheduler": run.eng.scheduler.state_dict(),
         "nonfinite_total": state.nonfinite_total,
         "nonfinite_run": state.nonfinite_run,
-        "fingerprint": checkpoint.fingerprint(model, cfg),
+        "fingerprint": checkpoint.fingerprint(run.model, cfg),
         "config": cfg.to_dict(),
     }
     checkpoint.save(
         Path(cfg.train.run_dir) / "checkpoints",
         state.step,
-        eng,
+        run.eng,
         local,
         global_state,
         keep=cfg.train.keep_checkpoints,
-        is_main=env.is_main,
+        is_main=run.env.is_main,
     )
 
 
-def _export(cfg, env, eng, model, log) -> None:
+def _export(run: Run) -> None:
     """``run_dir/export``: the consolidated trainable part (``save_pretrained`` of the variant: for the
     default, the coprocessor + soft tokens), loadable with ``variants.load_pretrained(dir, decoder=...)``
     (``CacheAugmentedLM.from_pretrained`` for the default) without DeepSpeed. Collective."""
     from .engine import gathered
 
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = Path(run.cfg.train.run_dir)
     tmp, final = run_dir / ".tmp-export", run_dir / "export"
-    with gathered(eng.engine.module):
-        if env.is_main:
+    with gathered(run.eng.engine.module):
+        if run.env.is_main:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            run.model.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
     distributed.barrier()
-    log.message(f"exported the coprocessor to {final} (decoder: {run_dir / 'decoder'})")
+    run.log.message(f"exported the coprocessor to {final} (decoder: {run_dir / 'decoder'})")
 
 
 class _DataTrace:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..core.losses import chunked_cross_entropy, lm_head_of
+from ..core.losses import baseline_ce, summarize_offsets
 from ..core.model import sample_positions
 from ..data import build_eval_loader
 
@@ -28,23 +28,6 @@ def eval_positions(sample_index: int, cfg: RunConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     m = cfg.model
     return sample_positions(1, cfg.data.seq_len, m.num_positions, m.num_ahead, gen)[0]
-
-
-@torch.no_grad()
-def baseline_ce_sum(
-    decoder, input_ids: torch.Tensor, positions: torch.Tensor, num_ahead: int, chunk_size: int = 4096
-) -> torch.Tensor:
-    """[num_ahead] summed CE of the plain decoder at the targets x[p+k], k=1..num_ahead, ``chunk_size``
-    rows of logits at a time (the model's ``loss_chunk_size``: a 256k vocabulary makes full fp32 logits
-    of every trace prediction GBs)."""
-    hidden = decoder.base_model(input_ids=input_ids).last_hidden_state  # [b, n, H]
-    offs = torch.arange(num_ahead, device=input_ids.device)
-    rows = (positions[:, :, None] + offs).reshape(input_ids.shape[0], -1)  # p+k-1 for k=1..N_A
-    h = torch.gather(hidden, 1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
-    targets = torch.gather(input_ids, 1, rows + 1)
-    weight, softcap = lm_head_of(decoder)
-    ce = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), targets.reshape(-1), weight, softcap, chunk_size)
-    return ce.view(-1, num_ahead).double().sum(0)
 
 
 @torch.no_grad()
@@ -85,7 +68,9 @@ def validation_sums(
         traces = positions.numel()
         out = loss_fn(ids, positions, na)
         sums[:na] += out.loss_per_offset.detach().to(sums) * traces
-        sums[na : 2 * na] += baseline_ce_sum(decoder, ids, positions, na, chunk).to(sums)
+        rows = (positions[:, :, None] + torch.arange(na, device=device)).reshape(ids.shape[0], -1)
+        base = baseline_ce(decoder, ids, chunk, rows=rows)  # x[p+k] is predicted at row p+k-1
+        sums[na : 2 * na] += base.reshape(-1, na).double().sum(0).to(sums)
         sums[-1] += traces
     return sums
 
@@ -95,14 +80,18 @@ def summarize(sums: torch.Tensor, offsets: list[int]) -> dict[str, float]:
     ``val_baseline_k*`` for the logged offsets."""
     sums = sums.detach().cpu()
     na = (sums.numel() - 1) // 2
-    n = max(float(sums[-1]), 1.0)
-    aug, base = sums[:na] / n, sums[na : 2 * na] / n
-    out = {"val_loss": float(aug.mean()), "val_baseline": float(base.mean())}
+    per_k = summarize_offsets(sums[:na], sums[na : 2 * na], float(sums[-1]))
+    aug, base = per_k["augmented_ce"], per_k["baseline_ce"]
+    out = {"val_loss": _mean(aug), "val_baseline": _mean(base)}
     for k in offsets:
         if k <= na:
-            out[f"val_loss_k{k}"] = float(aug[k - 1])
-            out[f"val_baseline_k{k}"] = float(base[k - 1])
+            out[f"val_loss_k{k}"] = aug[k - 1]
+            out[f"val_baseline_k{k}"] = base[k - 1]
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).mean())  # torch's float64 summation order
 
 
 def eval_samples_for(cfg: RunConfig, world_size: int) -> int:

@@ -1,4 +1,4 @@
-"""Baselines and ablations of the paper (DESIGN.md §2), as small modules beside the core.
+"""Baselines and ablations of the paper, as small modules beside the core (docs/design.md §3: writing one).
 
 ``model.variant`` picks what the trainer trains; :func:`build_trainable` builds it around the frozen
 decoder and :func:`load_pretrained` reloads an export (``cacheaug_config.json`` records the variant).

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.model import AugmentConfig, checkpoint_layers, device_of, init_soft_tokens
+
 
 def head_cross_entropy(lm: nn.Module, hidden_mh: torch.Tensor, targets_m: torch.Tensor) -> torch.Tensor:
     """Per-row CE [M] through ``lm``'s LM head *called as a module* (not its weight read directly):
@@ -18,23 +20,42 @@ def head_cross_entropy(lm: nn.Module, hidden_mh: torch.Tensor, targets_m: torch.
     return F.cross_entropy(logits, targets_m, reduction="none")
 
 
-def coprocessor_free_setup(decoder, num_latents, convention, soft_token_init, loss_chunk_size, seed):
-    """(AugmentConfig, soft tokens on the decoder's device and dtype) for variants without a separate
-    coprocessor (pause tokens, single-model latents)."""
-    from ..core.model import AugmentConfig, device_of, init_soft_tokens
+class NoCoprocessor:
+    """Mixin for variants without a separate coprocessor (pause tokens, single-model latents): the
+    shared ``from_decoder`` (config + soft tokens on the decoder's device and dtype, then
+    :meth:`around`) and activation checkpointing of the decoder's layers only."""
 
-    config = AugmentConfig(
-        num_latents=num_latents,
-        convention=convention,
-        soft_token_init=soft_token_init,
-        loss_chunk_size=loss_chunk_size,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next(decoder.parameters()).dtype
-    soft = init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
-        dtype=dtype, device=device_of(decoder)
-    )
-    return config, soft
+    @classmethod
+    def from_decoder(
+        cls,
+        decoder: nn.Module,
+        num_latents: int = 16,
+        *,
+        convention: str = "insert",
+        soft_token_init: str = "embedding_sample",
+        loss_chunk_size: int = 4096,
+        seed: int = 0,
+    ):
+        config = AugmentConfig(
+            num_latents=num_latents,
+            convention=convention,
+            soft_token_init=soft_token_init,
+            loss_chunk_size=loss_chunk_size,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        dtype = next(decoder.parameters()).dtype
+        soft = init_soft_tokens(decoder, num_latents, soft_token_init, gen).to(
+            dtype=dtype, device=device_of(decoder)
+        )
+        return cls.around(decoder, soft, config)
+
+    @classmethod
+    def around(cls, decoder: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig):
+        """The variant built around ``decoder`` (the frozen original) with these soft tokens."""
+        raise NotImplementedError
+
+    def enable_activation_checkpointing(self) -> None:
+        checkpoint_layers(self.decoder.base_model.layers)
 
 
 def unfreeze(module: nn.Module) -> nn.Module:

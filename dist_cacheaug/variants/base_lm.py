@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
-from ..core.hf_compat import cache_arg
+from ..core.augment import AugmentOutput, check_prompt, read_prompt
 from ..core.model import (
     CONFIG_NAME,
-    AugmentOutput,
     TrainingLossOutput,
     check_positions,
-    check_prompt,
     checkpoint_layers,
     decoder_fingerprint,
     device_of,
@@ -74,12 +72,13 @@ class BaseLM(nn.Module):
 
     @torch.no_grad()
     def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
-        """No latents: the trained LM's cache of the prompt and its next-token logits."""
+        """No latents: the trained LM's cache of the prompt and its next-token logits (what the core's
+        decode loop does for ``augment=False``, and for this model whatever ``augment`` says)."""
         b, n = check_prompt(input_ids)
-        cache = DynamicCache(config=self.lm.config)
-        out = self.lm(input_ids=input_ids, **cache_arg(cache), use_cache=True)
-        empty = out.logits.new_zeros(b, 0, self.lm.config.hidden_size)
-        return AugmentOutput(cache, out.logits[:, -1].float(), empty, n)
+        cache, logits = read_prompt(self.lm, input_ids)
+        dtype = next(self.lm.parameters()).dtype
+        empty = torch.zeros(b, 0, self.lm.config.hidden_size, dtype=dtype, device=logits.device)
+        return AugmentOutput(cache, logits, empty, n)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

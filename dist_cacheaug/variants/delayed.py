@@ -5,18 +5,19 @@ Identical to ``generation.py`` at inference: the coprocessor's soft tokens take 
 p-d+1..p-d+N_L (what plain HF decoding from the cache of x[0..p-d] gives them); the decoder's trace is
 the core's ("insert": latents at p+1..p+N_L; "refeed" likewise). Traces with p < d: the coprocessor
 sees no prefix at all (training only; generation needs a prompt longer than d).
+``augment`` and ``generate`` are the core's: they read ``async_delay`` from the model.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..core.model import AugmentOutput, CacheAugmentedLM, check_prompt
+from ..core.model import CacheAugmentedLM
 
 
 class AsyncLatentsLM(CacheAugmentedLM):
     variant_name = "async"
-    async_delay: int = 1
+    async_delay: int = 1  # read by the core's augmentation step (augment, generation)
 
     @classmethod
     def from_decoder(cls, decoder, num_latents: int = 16, *, delay: int = 1, **kwargs) -> AsyncLatentsLM:
@@ -36,18 +37,3 @@ class AsyncLatentsLM(CacheAugmentedLM):
     def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:
         lagged = (positions - self.async_delay).clamp(min=-1)
         return super().trace_latents(input_ids, positions, cache, prefix_hidden, view_end=lagged)
-
-    @torch.no_grad()
-    def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
-        """Augment after the prompt with the latents computed ``async_delay`` tokens behind."""
-        from ..core.generation import CleanCache, augment_at
-
-        _, n = check_prompt(input_ids)
-        if n <= self.async_delay:
-            raise ValueError(
-                f"async_delay={self.async_delay} needs a prompt longer than {self.async_delay} tokens"
-            )
-        cache, logits, next_pos, latents = augment_at(
-            self, CleanCache(self.decoder), input_ids, self.async_delay, return_latents=True
-        )
-        return AugmentOutput(cache, logits, latents, next_pos)

@@ -83,10 +83,8 @@ class LoraCoprocessorLM(CacheAugmentedLM):
             {k: v.detach().contiguous().cpu() for k, v in self.adapter_state().items()},
             str(cop_dir / WEIGHTS_NAME),
         )
-        save_file(
-            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
-        )
-        self._write_meta(directory)
+        self.save_soft_tokens(directory)
+        self.write_meta(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, decoder) -> LoraCoprocessorLM:

@@ -10,37 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from ..core.model import (
     SOFT_TOKENS_NAME,
     CacheAugmentedLM,
-    checkpoint_layers,
     device_of,
     read_export_meta,
 )
-from ._common import coprocessor_free_setup
+from ._common import NoCoprocessor
 
 
-class PauseTokensLM(CacheAugmentedLM):
+class PauseTokensLM(NoCoprocessor, CacheAugmentedLM):
     variant_name = "pause"
 
     @classmethod
-    def from_decoder(
-        cls,
-        decoder,
-        num_latents: int = 16,
-        *,
-        convention: str = "insert",
-        soft_token_init: str = "embedding_sample",
-        loss_chunk_size: int = 4096,
-        seed: int = 0,
-    ) -> PauseTokensLM:
-        config, soft = coprocessor_free_setup(
-            decoder, num_latents, convention, soft_token_init, loss_chunk_size, seed
-        )
-        return cls(decoder, None, soft, config)
+    def around(cls, decoder, soft_tokens, config) -> PauseTokensLM:
+        return cls(decoder, None, soft_tokens, config)
 
     def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:
         b, p_count = positions.shape
@@ -50,16 +37,11 @@ class PauseTokensLM(CacheAugmentedLM):
     def latents_for_cache(self, cache: DynamicCache, batch: int) -> torch.Tensor:
         return self.soft_tokens[None].expand(batch, -1, -1)
 
-    def enable_activation_checkpointing(self) -> None:
-        checkpoint_layers(self.decoder.base_model.layers)
-
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
-        )
-        self._write_meta(directory)
+        self.save_soft_tokens(directory)
+        self.write_meta(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, decoder) -> PauseTokensLM:

@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -24,16 +24,15 @@ from ..core.model import (
     SOFT_TOKENS_NAME,
     AugmentConfig,
     CacheAugmentedLM,
-    checkpoint_layers,
     device_of,
     read_export_meta,
 )
-from ._common import coprocessor_free_setup, head_cross_entropy, unfreeze
+from ._common import NoCoprocessor, head_cross_entropy, unfreeze
 
 DECODER_DIR = "decoder"
 
 
-class SingleModelLM(CacheAugmentedLM):
+class SingleModelLM(NoCoprocessor, CacheAugmentedLM):
     variant_name = "single_model"
 
     def __init__(self, lm: nn.Module, soft_tokens: torch.Tensor, config: AugmentConfig, baseline: nn.Module):
@@ -56,20 +55,8 @@ class SingleModelLM(CacheAugmentedLM):
         return self._baseline
 
     @classmethod
-    def from_decoder(
-        cls,
-        decoder,
-        num_latents: int = 16,
-        *,
-        convention: str = "insert",
-        soft_token_init: str = "embedding_sample",
-        loss_chunk_size: int = 4096,
-        seed: int = 0,
-    ) -> SingleModelLM:
-        config, soft = coprocessor_free_setup(
-            decoder, num_latents, convention, soft_token_init, loss_chunk_size, seed
-        )
-        return cls(copy.deepcopy(decoder), soft, config, decoder)
+    def around(cls, decoder, soft_tokens, config) -> SingleModelLM:
+        return cls(copy.deepcopy(decoder), soft_tokens, config, decoder)
 
     def prefix_pass(self, input_ids: torch.Tensor):
         cache = DynamicCache()  # with grad: joint finetuning reaches the decoder through its cache too
@@ -79,17 +66,12 @@ class SingleModelLM(CacheAugmentedLM):
     def token_ce(self, hidden_mh, targets_m):
         return head_cross_entropy(self.lm, hidden_mh, targets_m)
 
-    def enable_activation_checkpointing(self) -> None:
-        checkpoint_layers(self.lm.base_model.layers)
-
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.lm.save_pretrained(directory / DECODER_DIR)
-        save_file(
-            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
-        )
-        self._write_meta(directory)
+        self.save_soft_tokens(directory)
+        self.write_meta(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, decoder) -> SingleModelLM:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from inference_helpers import SEQ_LEN, tiny_world  # noqa: F401  (fixture)
-from test_core import reference_trace_ce
+from reference_helpers import reference_trace_ce
 from tiny_models import VOCAB, tiny_decoder
 
 from data_tools import write_token_shards

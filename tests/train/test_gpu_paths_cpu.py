@@ -5,8 +5,10 @@ does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,9 +32,11 @@ def test_process_group_backend_serves_host_tensors_on_cuda():
     assert distributed.process_group_backend("cpu") == "gloo"
 
 
-def _fake_train_step_inputs(rank: int, na: int, accum: int, device: torch.device):
-    """A config, an engine and a data iterator for ``trainer._train_step`` without DeepSpeed or a model:
+def _fake_run(rank: int, world: int, na: int, accum: int, device: torch.device, *, stop: bool = False):
+    """A ``trainer.Run`` and a data iterator for ``trainer._train_step`` without DeepSpeed or a model:
     micro-batch m of rank r has loss r + m + 1 and per-offset losses (r + m + 1) * (k + 1)."""
+    from dist_cacheaug.train import trainer
+
     cfg = SimpleNamespace(
         model=SimpleNamespace(num_ahead=na, num_positions=2, anchor_fraction=0.0),
         data=SimpleNamespace(seq_len=12),
@@ -54,8 +58,21 @@ def _fake_train_step_inputs(rank: int, na: int, accum: int, device: torch.device
             self.micro += 1
             return self.micro == accum  # the update is applied at the accumulation boundary
 
+    run = trainer.Run(
+        cfg=cfg,
+        env=distributed.DistEnv(rank, world, rank, world, "127.0.0.1", 0, "env"),
+        device=device,
+        eng=Engine(),
+        model=None,
+        loader=None,
+        positions=torch.Generator().manual_seed(rank),
+        log=None,
+        accum=accum,
+        anchor_id=None,
+        stop=trainer.StopSignal(received=signal.SIGTERM if stop else None),
+    )
     data = iter([{"input_ids": torch.randint(3, 50, (2, 12))} for _ in range(accum)])
-    return cfg, Engine(), data
+    return run, data
 
 
 def _expected_step(na: int, accum: int, world: int) -> tuple[float, list[float]]:
@@ -81,16 +98,15 @@ def test_train_step_keeps_loss_sums_on_device_and_reads_them_once(monkeypatch):
             return _original(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    cfg, eng, data = _fake_train_step_inputs(0, na, accum, device)
-    out = trainer._train_step(
-        cfg, eng, data, torch.Generator().manual_seed(0), accum, device, False, False, None, 1, None
-    )
+    run, data = _fake_run(0, 1, na, accum, device)
+    out = trainer._train_step(run, data)
     monkeypatch.undo()
     assert len(reduced) == 1 and reduced[0].device == device
     assert len(host_reads) == 1, host_reads  # one device->host transfer for the whole step
     loss, per_offset = _expected_step(na, accum, 1)
-    assert out["loss"] == pytest.approx(loss) and out["per_offset"] == pytest.approx(per_offset)
-    assert out["applied"] and not out["nonfinite"] and not out["stop"]
+    assert out.loss == pytest.approx(loss) and out.per_offset == pytest.approx(per_offset)
+    assert out.applied and not out.nonfinite and not out.stop and not out.skipped
+    assert run.state.step == 0  # the loop advances the state, not the step
 
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
@@ -110,20 +126,8 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
         dist.all_reduce = recording_all_reduce
         na, accum = 3, 2
-        cfg, eng, data = _fake_train_step_inputs(rank, na, accum, device)
-        step = trainer._train_step(
-            cfg,
-            eng,
-            data,
-            torch.Generator().manual_seed(rank),
-            accum,
-            device,
-            False,
-            rank == 1,
-            None,
-            1,
-            None,
-        )
+        run, data = _fake_run(rank, 2, na, accum, device, stop=rank == 1)
+        step = dataclasses.asdict(trainer._train_step(run, data))
         result["step"] = {k: step[k] for k in ("loss", "per_offset", "nonfinite", "applied", "stop")}
         result["min_batches"] = trainer._min_over_ranks(5 + rank, device)  # what _evaluate agrees on
         result["collective_devices"] = devices
@@ -233,7 +237,7 @@ def _record_vocab_logits(monkeypatch, vocab: int) -> list[tuple[int, ...]]:
 
 
 def test_baseline_ce_is_chunked_and_equals_the_unchunked_ce(monkeypatch):
-    from dist_cacheaug.train.validation import baseline_ce_sum
+    from dist_cacheaug.core.losses import baseline_ce
 
     decoder, na = tiny_decoder("gemma2"), 3
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -248,9 +252,14 @@ def test_baseline_ce_is_chunked_and_equals_the_unchunked_ce(monkeypatch):
         )
         ref = ref.view(-1, na).double().sum(0)
     shapes = _record_vocab_logits(monkeypatch, VOCAB)
-    got = baseline_ce_sum(decoder, ids, pos, na, chunk_size=7)
+    got = baseline_ce(decoder, ids, chunk_size=7, rows=rows).view(-1, na).double().sum(0)
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
     assert shapes and max(s[0] for s in shapes) <= 7 and sum(s[0] for s in shapes) == 30, shapes
+    every = baseline_ce(decoder, ids, chunk_size=7)  # [2, 19]: every row, as the loss-at-k eval reads it
+    assert every.shape == (2, 19)
+    torch.testing.assert_close(
+        torch.gather(every, 1, rows).view(-1, na).double().sum(0), ref, atol=1e-6, rtol=1e-6
+    )
 
 
 def test_validation_uses_the_models_loss_chunk_size(monkeypatch, shards, tmp_path):

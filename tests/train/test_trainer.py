@@ -9,12 +9,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import metrics, run_train, train_command, train_env
 from train_helpers import tiny_run_config as _config
 
 from dist_cacheaug import CacheAugmentedLM, load_config
@@ -95,35 +95,35 @@ def test_checkpoint_discovery_ignores_partial_writes(tmp_path):
     assert latest(tmp_path / "missing") is None
 
 
-def _cmd(nproc: int, config: Path, sets: list[str]) -> list[str]:
-    args = ["--config", str(config), *[a for s in sets for a in ("--set", s)]]
-    if nproc == 1:
-        return [sys.executable, "-m", "dist_cacheaug.cli", "train", *args]
-    return ["bash", str(LOCAL_SH), str(nproc), *args[1:]]
+def test_test_hooks_are_read_once_from_the_environment(tmp_path):
+    from dist_cacheaug.train.trainer import TestHooks
 
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def run_train(nproc: int, config: Path, *sets: str, check: bool = True, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        _cmd(nproc, config, list(sets)),
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    none = TestHooks.from_env(tmp_path, 0, {})
+    assert none.nan_steps == frozenset() and none.trace is None and not none.inject_nan(1, 0)
+    hooks = TestHooks.from_env(
+        tmp_path, 1, {"CACHEAUG_INJECT_NAN_STEPS": "2, 4,", "CACHEAUG_DATA_TRACE": "1"}
     )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    assert hooks.nan_steps == {2, 4}
+    assert hooks.inject_nan(2, 0) and not hooks.inject_nan(2, 1) and not hooks.inject_nan(3, 0)  # rank 0 only
+    assert hooks.trace.path == tmp_path / "data_trace" / "rank1.jsonl"
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def test_train_state_counts_skipped_steps_and_aborts_after_too_many_in_a_row():
+    from dist_cacheaug.train.trainer import StepResult, TrainingAborted, TrainState
+
+    def result(nonfinite=False, applied=True):
+        return StepResult(loss=1.0, per_offset=[1.0], nonfinite=nonfinite, applied=applied, stop=False)
+
+    state = TrainState()
+    for r in (result(), result(nonfinite=True, applied=False), result(applied=False), result()):
+        state.advance(r, max_nonfinite_steps=2)
+    assert (state.step, state.nonfinite_total, state.nonfinite_run) == (4, 2, 0)
+    for _ in range(2):
+        state.advance(result(nonfinite=True, applied=False), max_nonfinite_steps=2)
+    with pytest.raises(
+        TrainingAborted, match="non-finite loss/gradient in 3 consecutive steps .up to step 7"
+    ):
+        state.advance(result(nonfinite=True, applied=False), max_nonfinite_steps=2)
 
 
 DETERMINISTIC = ("loss", "loss_k1", "loss_k2", "loss_k4", "lr", "grad_norm", "nonfinite_skipped")
@@ -248,10 +248,10 @@ def test_kill9_then_rerun_resumes_exactly(shards, tmp_path):
     sets = ["train.run_dir=" + str(tmp_path / "a")]
     run_train(2, cfg, *sets, CACHEAUG_DATA_TRACE="1")
     b_dir = tmp_path / "b"
-    cmd = _cmd(2, cfg, [f"train.run_dir={b_dir}"])
+    cmd = train_command(2, cfg, [f"train.run_dir={b_dir}"])
     proc = subprocess.Popen(
         cmd,
-        env=_env(CACHEAUG_DATA_TRACE="1"),
+        env=train_env(CACHEAUG_DATA_TRACE="1"),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -301,7 +301,12 @@ def test_sigterm_checkpoints_and_exits_zero_then_corrupt_or_incompatible_is_refu
     cfg = _config(tmp_path, shards, max_steps=200)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(1, cfg, []), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train_command(1, cfg, []),
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for(lambda: _steps_logged(run_dir) >= 2, proc)
     proc.send_signal(signal.SIGTERM)

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_core import check_batched_equals_reference, reference_trace_ce
-from test_trainer import metrics, run_train
+from reference_helpers import check_batched_equals_reference, reference_trace_ce
 from tiny_models import VOCAB, tiny_decoder
-from train_helpers import tiny_run_config
+from train_helpers import metrics, run_train, tiny_run_config
 from transformers import DynamicCache
 
 from dist_cacheaug import load_config
-from dist_cacheaug.core.generation import generate
+from dist_cacheaug.core.generation import GenerationStats, generate
 from dist_cacheaug.core.hf_compat import cache_arg
 from dist_cacheaug.evaluation.inference import load_for_inference
 from dist_cacheaug.train.checkpoint import decoder_digest
@@ -26,6 +25,7 @@ from dist_cacheaug.variants import (
     VARIANTS,
     ActivationsInputLM,
     AsyncLatentsLM,
+    BaseLM,
     PauseTokensLM,
     build_trainable,
     load_pretrained,
@@ -256,6 +256,28 @@ def test_base_lm_export_is_an_hf_model_and_the_next_stage_decoder(shards, tmp_pa
     base, _ = load_for_inference(tmp_path / "run", device="cpu")
     assert base.num_latents == 0 and decoder_digest(base.decoder) == decoder_digest(lm)
     assert decoder_digest(base.baseline_decoder) == decoder_digest(original)
+
+
+def test_async_augment_is_the_core_step_with_the_model_delay():
+    model = AsyncLatentsLM.from_decoder(tiny_decoder("llama"), num_latents=2, delay=2, seed=1)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    got = []
+    out = generate(model, ids, 3, logits_out=got)
+    torch.testing.assert_close(model.augment(ids).logits, got[0])
+    assert torch.equal(model.generate(ids, 3), out)
+    with pytest.raises(ValueError, match="async_delay=2"):
+        model.augment(ids[:, :2])
+
+
+def test_base_lm_decodes_through_the_one_loop_without_latents():
+    model = BaseLM.from_decoder(tiny_decoder("gemma2"))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    got, stats = [], GenerationStats()
+    out = generate(model, ids, 4, logits_out=got, stats=stats)  # augment=True: nothing to write
+    assert torch.equal(out, generate(model, ids, 4, augment=False)) and stats.augmentations == 0
+    aug = model.augment(ids)
+    torch.testing.assert_close(aug.logits, got[0])
+    assert aug.latents.shape == (2, 0, model.lm.config.hidden_size) and aug.next_position == 9
 
 
 def test_registry_refuses_a_variant_mismatch(tmp_path):

@@ -305,7 +305,12 @@ def _add_checkpoint_args(p: argparse.ArgumentParser, several: bool = False) -> N
 def _add_eval_parsers(sub) -> None:
     """``eval`` (Table 1), ``generate`` and ``downstream`` (local task files)."""
     p = sub.add_parser(
-        "eval", help="Table 1: perplexity of the k-th token after inserting latents, vs baseline"
+        "eval",
+        help="Table 1: perplexity of the k-th token after inserting latents, vs baseline",
+        description="Table 1: perplexity of the k-th token after inserting latents, vs baseline. "
+        "Data parallel under a launcher, one process per device (sequences split by rank, rank 0 "
+        "writes): torchrun --standalone --nproc_per_node N -m dist_cacheaug.cli eval ... "
+        "(or deepspeed --num_gpus N --no_local_rank --module dist_cacheaug.cli eval ..., or srun).",
     )
     _add_checkpoint_args(p, several=True)
     p.add_argument(

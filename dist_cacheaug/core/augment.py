@@ -9,6 +9,14 @@ d the cache of x[0..p-d]; the decoder then gets ``[x[0..p], latents]`` ("insert"
 ``model`` here is any object with ``decoder``, ``num_latents``, ``aug_config.convention`` and
 ``latents_for_prompt(input_ids, cache)`` (``CacheAugmentedLM`` and its variants); this module imports
 nothing from ``model.py``, so ``model.py`` builds on it.
+
+Prompts of different lengths: LEFT-padded into one [B, L] batch with an ``attention_mask`` (1 = token,
+0 = pad; :func:`check_attention_mask`). Every row then runs as if alone: its position ids are its
+unpadded positions (``cumsum(mask) - 1``, first real token at 0), and every HF call (the decoder's
+passes and the coprocessor's) gets the 2D mask extended with ones for the latents and generated tokens,
+so no query attends to a pad key (HF builds the causal and sliding-window masks from it and the cache
+length; with left padding a key's distance in cache indices equals its distance in positions). With
+``attention_mask=None`` everything is exactly the unpadded code path.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ class AugmentOutput:
     past_key_values: DynamicCache  # decoder cache of the prompt with the latents appended
     logits: torch.Tensor  # [B, V]: the decoder's next-token prediction after the latents
     latents: torch.Tensor  # [B, N_L, H]
-    next_position: int  # position id of the next token to feed (plain HF default for "insert")
+    # Position id of the next token to feed (plain HF default for "insert"); with an attention mask a
+    # LongTensor [B], one per row (rows are at different positions).
+    next_position: int | torch.Tensor
+    # Only with an attention mask: [B, L + N_L] mask over the augmented cache (the prompt's mask, ones
+    # for the latents). Continue with ``cat([attention_mask, ones(B, 1)], 1)`` and
+    # ``position_ids=next_position[:, None]`` for the next token.
+    attention_mask: torch.Tensor | None = None
 
 
 def check_prompt(input_ids: torch.Tensor) -> tuple[int, int]:
@@ -37,6 +51,45 @@ def check_prompt(input_ids: torch.Tensor) -> tuple[int, int]:
             f"prompt must be a non-empty [batch, length] tensor of token ids, got {tuple(input_ids.shape)}"
         )
     return input_ids.shape
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask of a left-padded prompt as a long [B, L] tensor (None stays None), or a clear ValueError:
+    wrong shape, values other than 0/1, a row with no token, or a pad after a token (right padding)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the prompt's shape {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (token)")
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask: row(s) {empty} hold no token (all padding)")
+    right = (mask[:, :-1] > mask[:, 1:]).any(1).nonzero().flatten().tolist()
+    if right:
+        raise ValueError(
+            f"attention_mask: row(s) {right} have a pad after a token; prompts must be LEFT-padded "
+            "(pads first, then the tokens)"
+        )
+    return mask
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] unpadded position ids of a left-padded batch: a row's first token at 0 (pads get 0)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def soft_token_inputs(view_mask: torch.Tensor, num_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For N_L soft tokens appended after a padded cache with mask ``view_mask`` [B, V]: the extended 2D
+    mask [B, V + N_L] and the soft tokens' position ids [B, N_L] (a row's tokens count, onwards)."""
+    b = view_mask.shape[0]
+    ones = view_mask.new_ones(b, num_latents)
+    pos = view_mask.sum(1, keepdim=True) + torch.arange(num_latents, device=view_mask.device)
+    return torch.cat([view_mask, ones], 1), pos
 
 
 def check_delay(length: int, delay: int) -> None:
@@ -72,25 +125,43 @@ class CleanCache:
         self.cache = DynamicCache(config=decoder.config)
         self.length = 0
 
-    def advance_to(self, ids: torch.Tensor, length: int) -> DynamicCache:
-        """A snapshot of the cache of ``ids[:, :length]`` (reads only the tokens not read yet)."""
+    def advance_to(self, ids: torch.Tensor, length: int, mask: torch.Tensor | None = None) -> DynamicCache:
+        """A snapshot of the cache of ``ids[:, :length]`` (reads only the tokens not read yet); ``mask``:
+        the left-padded batch's [B, >= length] attention mask (None: no padding)."""
         if length < self.length:
             raise RuntimeError(f"clean cache is at {self.length} tokens, cannot go back to {length}")
         if length > self.length:
-            pos = torch.arange(self.length, length, device=ids.device)[None].expand(ids.shape[0], -1)
+            if mask is None:
+                pos = torch.arange(self.length, length, device=ids.device)[None].expand(ids.shape[0], -1)
+                extra = {}
+            else:
+                pos = mask_positions(mask[:, :length])[:, self.length :]
+                extra = {"attention_mask": mask[:, :length]}
             self.decoder.base_model(
                 input_ids=ids[:, self.length : length],
                 **cache_arg(self.cache),
                 use_cache=True,
                 position_ids=pos,
+                **extra,
             )
             self.length = length
         return clone_cache(self.cache)
 
 
-def augment_at(model, clean: CleanCache, ids: torch.Tensor, delay: int, return_latents: bool = False):
+def augment_at(
+    model,
+    clean: CleanCache,
+    ids: torch.Tensor,
+    delay: int,
+    return_latents: bool = False,
+    attention_mask: torch.Tensor | None = None,
+):
     """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id),
-    and the latents [B, N_L, H] last when ``return_latents``."""
+    and the latents [B, N_L, H] last when ``return_latents``. ``attention_mask``: [B, L] of a left-padded
+    batch (checked by the caller); the next position id is then a LongTensor [B] and the decode cache's
+    mask is ``augmented_mask(attention_mask, N_L)``."""
+    if attention_mask is not None:
+        return _augment_padded(model, clean, ids, delay, return_latents, attention_mask)
     b, length = ids.shape
     n_l, dec = model.num_latents, model.decoder
     dtype = next(dec.parameters()).dtype
@@ -116,19 +187,77 @@ def augment_at(model, clean: CleanCache, ids: torch.Tensor, delay: int, return_l
     return cache, out.logits[:, -1].float(), next_pos
 
 
-def augment_prompt(model, input_ids: torch.Tensor, delay: int = 0) -> AugmentOutput:
-    """One augmentation at the end of the prompt ``input_ids`` (latents ``delay`` tokens behind), from a
-    fresh :class:`CleanCache`: what ``CacheAugmentedLM.augment`` returns."""
-    _, n = check_prompt(input_ids)
-    check_delay(n, delay)
-    cache, logits, next_pos, latents = augment_at(
-        model, CleanCache(model.decoder), input_ids, delay, return_latents=True
+def augmented_mask(mask: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """[B, L + N_L] mask of the decode cache after augmenting a left-padded [B, L] batch. For both
+    conventions: "refeed" moves x[p] after the latents, but x[p] (the last column) is a token in every row."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], num_latents)], 1)
+
+
+def _augment_padded(model, clean: CleanCache, ids, delay: int, return_latents: bool, mask):
+    """:func:`augment_at` for a left-padded batch: every row as if alone (positions from the mask)."""
+    b, length = ids.shape
+    n_l, dec = model.num_latents, model.decoder
+    dtype = next(dec.parameters()).dtype
+    refeed = model.aug_config.convention == "refeed"
+    view_len = length - delay
+    base_len = length - 1 if refeed else length
+    snaps = {}
+    for n in sorted({view_len, base_len}):
+        snaps[n] = clean.advance_to(ids, n, mask)
+    view_mask = mask[:, :view_len]
+    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len], attention_mask=view_mask).to(dtype)
+    cache = snaps[base_len]
+    real = mask.sum(1)  # [B] tokens per row: the position after the row's last token
+    lat_pos = real[:, None] + torch.arange(n_l, device=ids.device)
+    if refeed:
+        inputs = torch.cat([latents, dec.get_input_embeddings()(ids[:, -1:])], 1)
+        pos = torch.cat([lat_pos, (real - 1)[:, None]], 1)
+        next_pos = real
+    else:
+        inputs, pos = latents, lat_pos
+        next_pos = real + n_l
+    dec_mask = augmented_mask(mask, n_l)
+    out = dec(
+        inputs_embeds=inputs, attention_mask=dec_mask, **cache_arg(cache), use_cache=True, position_ids=pos
     )
-    return AugmentOutput(cache, logits, latents, next_pos)
+    if return_latents:
+        return cache, out.logits[:, -1].float(), next_pos, latents
+    return cache, out.logits[:, -1].float(), next_pos
 
 
-def read_prompt(decoder, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """No augmentation: (the decoder's HF cache of the prompt, its next-token logits [B, V] in fp32)."""
+def check_padded_delay(mask: torch.Tensor, delay: int) -> None:
+    """:func:`check_delay` for the shortest row of a left-padded batch."""
+    check_delay(int(mask.sum(1).min()), delay)
+
+
+def augment_prompt(
+    model, input_ids: torch.Tensor, delay: int = 0, attention_mask: torch.Tensor | None = None
+) -> AugmentOutput:
+    """One augmentation at the end of the prompt ``input_ids`` (latents ``delay`` tokens behind), from a
+    fresh :class:`CleanCache`: what ``CacheAugmentedLM.augment`` returns. ``attention_mask``: [B, L] of
+    left-padded prompts of different lengths (module docstring)."""
+    _, n = check_prompt(input_ids)
+    mask = check_attention_mask(input_ids, attention_mask)
+    if mask is None:
+        check_delay(n, delay)
+    else:
+        check_padded_delay(mask, delay)
+    cache, logits, next_pos, latents = augment_at(
+        model, CleanCache(model.decoder), input_ids, delay, return_latents=True, attention_mask=mask
+    )
+    if mask is None:
+        return AugmentOutput(cache, logits, latents, next_pos)
+    return AugmentOutput(cache, logits, latents, next_pos, augmented_mask(mask, model.num_latents))
+
+
+def read_prompt(
+    decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """No augmentation: (the decoder's HF cache of the prompt, its next-token logits [B, V] in fp32).
+    ``attention_mask``: [B, L] of a left-padded batch (checked by the caller); positions from it."""
     cache = DynamicCache(config=decoder.config)
-    logits = decoder(input_ids=input_ids, **cache_arg(cache), use_cache=True).logits[:, -1].float()
+    extra = {}
+    if attention_mask is not None:
+        extra = {"attention_mask": attention_mask, "position_ids": mask_positions(attention_mask)}
+    logits = decoder(input_ids=input_ids, **cache_arg(cache), use_cache=True, **extra).logits[:, -1].float()
     return cache, logits

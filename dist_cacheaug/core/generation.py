@@ -13,6 +13,10 @@ Semantics (our reading of the paper; its appendix on asynchronous augmentation g
 * Asynchronous, delay d: the coprocessor reads the cache of x[0..p-d] (its soft tokens take the
   positions they would have at p-d) while the decoder reads on to x[p]; the latents are inserted after
   x[p] as usual. With d=0 this is the synchronous case.
+* Prompts of different lengths: left-padded with an ``attention_mask`` (``augment.py``); every row
+  generates what it would alone (positions per row, the mask extended with ones for the latents and
+  every generated token), with re-augmentation and delays too. With ``eos_token_id`` a finished row
+  keeps emitting EOS while the others go on.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from torch import nn
 from .augment import (
     CleanCache,
     augment_at,
+    augmented_mask,
+    check_attention_mask,
     check_delay,
+    check_padded_delay,
     check_prompt,
     read_prompt,
     sample_next_token,
@@ -55,8 +62,10 @@ def generate(
     stop=None,
     stats: GenerationStats | None = None,
     logits_out: list | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, L + new] prompt followed by generated tokens (prompts of equal length L).
+    """[B, L + new] prompt followed by generated tokens (prompts of equal length L, or left-padded to L
+    with ``attention_mask`` [B, L], 1 = token, 0 = pad: each row then generates what it would alone).
 
     ``augment=False``: the frozen decoder alone. ``reaugment_every=K``: augment again after every K
     generated tokens. ``async_delay=d``: latents come from the cache d tokens behind (default: the
@@ -65,6 +74,7 @@ def generate(
     ``logits_out``: a list that receives the next-token logits [B, V] of every step (for tests/analysis).
     """
     check_prompt(input_ids)
+    mask = check_attention_mask(input_ids, attention_mask)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if async_delay is None:
@@ -75,17 +85,24 @@ def generate(
         raise ValueError(f"async_delay must be >= 0, got {async_delay}")
     augment = augment and model.num_latents > 0  # nothing to write (base_lm): plain decoding
     if augment:
-        check_delay(input_ids.shape[1], async_delay)
+        if mask is None:
+            check_delay(input_ids.shape[1], async_delay)
+        else:
+            check_padded_delay(mask, async_delay)
     stats = stats if stats is not None else GenerationStats()
     b, n = input_ids.shape
     dec = model.decoder
     clean = CleanCache(dec)
     if augment:
-        cache, logits, next_pos = augment_at(model, clean, input_ids, async_delay)
+        cache, logits, next_pos = augment_at(model, clean, input_ids, async_delay, attention_mask=mask)
         stats.augmentations += 1
     else:
-        cache, logits = read_prompt(dec, input_ids)
-        next_pos = n
+        cache, logits = read_prompt(dec, input_ids, mask)
+        next_pos = n if mask is None else mask.sum(1)
+    # Padded: ``mask`` covers ids (prompt + generated), ``cache_mask`` the decode cache (+ latents).
+    cache_mask = None
+    if mask is not None:
+        cache_mask = augmented_mask(mask, model.num_latents) if augment else mask
     ids = input_ids
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -96,20 +113,28 @@ def generate(
             tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
             done |= tok == eos_token_id
         ids = torch.cat([ids, tok[:, None]], 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
         stats.new_tokens += 1
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
             break
         if stop is not None and stop(ids[:, n:]):
             break
         if augment and reaugment_every and (step + 1) % reaugment_every == 0:
-            cache, logits, next_pos = augment_at(model, clean, ids, async_delay)
+            cache, logits, next_pos = augment_at(model, clean, ids, async_delay, attention_mask=mask)
+            if mask is not None:
+                cache_mask = augmented_mask(mask, model.num_latents)
             stats.augmentations += 1
             continue
-        pos = torch.full((b, 1), next_pos, device=ids.device)
+        if cache_mask is None:
+            pos, extra = torch.full((b, 1), next_pos, device=ids.device), {}
+        else:
+            cache_mask = torch.cat([cache_mask, cache_mask.new_ones(b, 1)], 1)
+            pos, extra = next_pos[:, None], {"attention_mask": cache_mask}
         logits = (
-            dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos)
+            dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos, **extra)
             .logits[:, -1]
             .float()
         )
-        next_pos += 1
+        next_pos = next_pos + 1  # an int, or a [B] tensor (padded): never in place
     return ids

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, DynamicCache
 
-from .augment import AugmentOutput, augment_prompt
+from .augment import AugmentOutput, augment_prompt, soft_token_inputs
 from .cache import clone_cache, read_only_view
 from .generation import generate as decode_loop
 from .hf_compat import cache_arg, layer_cache
@@ -387,24 +387,41 @@ class CacheAugmentedLM(nn.Module):
         return self.training_loss(input_ids, positions, num_ahead)
 
     # ---- inference -------------------------------------------------------------------------------
-    def latents_for_cache(self, cache: DynamicCache, batch: int) -> torch.Tensor:
-        """[B, N_L, H] latents from a decoder cache (HF builds the masks: plain cached decoding)."""
+    def latents_for_cache(
+        self, cache: DynamicCache, batch: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, N_L, H] latents from a decoder cache (HF builds the masks: plain cached decoding).
+        ``attention_mask``: [B, cache length] of a left-padded batch: the soft tokens then skip the pad
+        keys and take each row's own positions."""
         soft = self.soft_tokens[None].expand(batch, -1, -1)
-        return self.coprocessor_states(soft, clone_cache(cache))
+        if attention_mask is None:
+            return self.coprocessor_states(soft, clone_cache(cache))
+        mask, pos = soft_token_inputs(attention_mask, self.num_latents)
+        return self.coprocessor_states(soft, clone_cache(cache), mask, pos)
 
-    def latents_for_prompt(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def latents_for_prompt(
+        self, input_ids: torch.Tensor, cache: DynamicCache, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, N_L, H] latents after the prompt ``input_ids`` whose decoder cache is ``cache`` (the
-        coprocessor needs only the cache; the "activations" variant reads the prompt itself)."""
-        return self.latents_for_cache(cache, input_ids.shape[0])
+        coprocessor needs only the cache; the "activations" variant reads the prompt itself).
+        ``attention_mask``: the left-padded prompt's [B, L] mask (the augmentation step passes it only
+        for padded batches, so an override without it still serves unpadded ones)."""
+        if attention_mask is None:
+            return self.latents_for_cache(cache, input_ids.shape[0])
+        return self.latents_for_cache(cache, input_ids.shape[0], attention_mask)
 
     @torch.no_grad()
-    def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
+    def augment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
         """Read the prompt, write N_L latents into the decoder's cache (latents ``async_delay`` tokens
         behind: 0 here, the "async" variant sets it). Continue with plain HF calls
         (``decoder(next_ids, **cache_arg(out.past_key_values))``, ``cache_arg`` from ``hf_compat``; for
         "refeed" also pass ``position_ids`` starting at ``out.next_position``). The step is
-        :func:`~.augment.augment_at`, the one that generation and evaluation use."""
-        return augment_prompt(self, input_ids, self.async_delay)
+        :func:`~.augment.augment_at`, the one that generation and evaluation use.
+
+        ``attention_mask`` [B, L] (1 = token, 0 = pad): prompts of different lengths, LEFT-padded; each
+        row's output equals that prompt's alone. ``next_position`` is then a [B] tensor and
+        ``out.attention_mask`` the [B, L + N_L] mask to extend (with ones) for the following tokens."""
+        return augment_prompt(self, input_ids, self.async_delay, attention_mask)
 
     @torch.no_grad()
     def generate(
@@ -417,10 +434,12 @@ class CacheAugmentedLM(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Augment once at the end of the prompt, then plain cached decoding. Returns [B, L + new]
         (prompt followed by the generated tokens). ``augment=False``: the frozen decoder alone. The
-        decode loop is :func:`~.generation.generate` (which also re-augments and takes stop criteria)."""
+        decode loop is :func:`~.generation.generate` (which also re-augments and takes stop criteria).
+        ``attention_mask`` [B, L]: LEFT-padded prompts of different lengths (see :meth:`augment`)."""
         return decode_loop(
             self,
             input_ids,
@@ -430,6 +449,7 @@ class CacheAugmentedLM(nn.Module):
             top_p=top_p,
             eos_token_id=eos_token_id,
             generator=generator,
+            attention_mask=attention_mask,
         )
 
     # ---- persistence -------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..core.losses import baseline_ce, summarize_offsets
 from ..core.model import CacheAugmentedLM, no_latent_trace_loss
+from ..distributed import all_gather_object
 
 TABLE_KS = (1, 2, 4, 8, 16, 32)
 
@@ -66,9 +68,47 @@ def parse_positions(spec: str | PositionSpec | Iterable[str], seed: int = 0) -> 
     raise ValueError(f"--positions must be 'all', 'stride S' or 'random R' with S, R >= 1; got {text!r}")
 
 
-# ---- the two loss computations ---------------------------------------------------------------------
-@torch.no_grad()
 # ---- the measurement -------------------------------------------------------------------------------
+def _data_shard(eval_batches, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """(rank, world size) of the data this process reads: ``shard`` when given, else the loader's own
+    ``rank`` / ``world_size`` (:class:`~dist_cacheaug.data.EvalLoader`), else (0, 1)."""
+    if shard is None:
+        shard = (int(getattr(eval_batches, "rank", 0)), int(getattr(eval_batches, "world_size", 1)))
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard rank {rank} is not in [0, world_size={world})")
+    return rank, world
+
+
+def _combine(
+    records: list, seq_len: int | None, world: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """Sums over every rank's per-batch records ``(first global sample, aug [max_k], base [max_k],
+    sequences, traces)``, added in global sample order so the float64 sums do not depend on how the
+    sequences were split (with batch size 1 they equal a 1-rank run's bit for bit)."""
+    if world > 1:
+        if not dist.is_initialized() or dist.get_world_size() != world:
+            raise RuntimeError(
+                f"the evaluation data is split over {world} ranks but torch.distributed is not initialised "
+                f"with that world size"
+            )
+        gathered = all_gather_object((records, seq_len))
+        records = [r for part, _ in gathered for r in part]
+        seq_len = next((n for _, n in gathered if n is not None), None)
+    records = sorted(records, key=lambda r: r[0])
+    if not records:
+        return torch.zeros(0), torch.zeros(0), 0, 0, seq_len
+    max_k = len(records[0][1])
+    aug_sum = torch.zeros(max_k, dtype=torch.float64)
+    base_sum = torch.zeros(max_k, dtype=torch.float64)
+    seqs = traces = 0
+    for _, aug, base, b, t in records:
+        aug_sum += torch.tensor(aug, dtype=torch.float64)
+        base_sum += torch.tensor(base, dtype=torch.float64)
+        seqs, traces = seqs + b, traces + t
+    return aug_sum, base_sum, seqs, traces, seq_len
+
+
 @torch.no_grad()
 def evaluate_insertion(
     model: CacheAugmentedLM,
@@ -82,20 +122,28 @@ def evaluate_insertion(
     seed: int = 0,
     progress: bool = True,
     desc: str = "insertion eval",
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Table 1 numbers over ``eval_batches`` (dicts with ``input_ids`` [b, n]). ``augment=False``: the
     "augmented" column runs the same pipeline with zero latents (it must then equal the baseline).
-    ``positions_per_pass`` bounds the traces per batched pass (memory). Returns a dict of lists per k."""
+    ``positions_per_pass`` bounds the traces per batched pass (memory). ``max_sequences`` caps the
+    sequences *this process* reads. Returns a dict of lists per k.
+
+    Data parallel: when the batches are this rank's share of the data (``shard=(rank, world_size)``,
+    by default taken from an :class:`~dist_cacheaug.data.EvalLoader`, whose rank r reads global samples
+    r, r+W, ...), every rank must call this (it all-gathers the per-batch sums over ``torch.distributed``)
+    and every rank gets the totals over all ranks. Random positions are seeded by the *global* sample
+    index, so the numbers do not depend on the world size."""
     from tqdm.auto import tqdm
 
     if max_k < 1:
         raise ValueError(f"max_k must be >= 1, got {max_k}")
     spec = parse_positions(positions_spec, seed)
+    rank, world = _data_shard(eval_batches, shard)
     decoder = model.baseline_decoder  # the frozen original (variants that finetune the decoder keep it)
     device = next(decoder.parameters()).device
-    aug_sum = torch.zeros(max_k, dtype=torch.float64)
-    base_sum = torch.zeros(max_k, dtype=torch.float64)
-    traces = seqs = 0
+    records = []  # (first global sample index, aug CE sum [max_k], base CE sum [max_k], sequences, traces)
+    seqs = 0
     seq_len = None
     total = None
     if hasattr(eval_batches, "num_samples"):
@@ -104,7 +152,14 @@ def evaluate_insertion(
             if max_sequences is None
             else min(max_sequences, eval_batches.num_samples)
         )
-    bar = tqdm(total=total, desc=desc, unit="seq", disable=not progress, file=sys.stderr)
+    show = progress and rank == 0 and sys.stderr.isatty()
+    bar = tqdm(
+        total=total,
+        desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
+        unit="seq",
+        disable=not show,
+        file=sys.stderr,
+    )
     for batch in eval_batches:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch
         if max_sequences is not None:
@@ -114,23 +169,26 @@ def evaluate_insertion(
         ids = ids.to(device)
         b, n = ids.shape
         seq_len = n
-        pos = torch.stack([spec.positions(n, max_k, seqs + i) for i in range(b)]).to(device)  # [b, P]
+        index = [rank + world * (seqs + i) for i in range(b)]  # global sample indices
+        pos = torch.stack([spec.positions(n, max_k, j) for j in index]).to(device)  # [b, P]
         base = baseline_ce(decoder, ids)  # [b, n-1]; x[p+k] is predicted at row p+k-1
         rows = pos[:, :, None] + torch.arange(max_k, device=device)
-        base_sum += torch.gather(base, 1, rows.reshape(b, -1)).view(-1, max_k).double().sum(0).cpu()
+        base_b = torch.gather(base, 1, rows.reshape(b, -1)).view(-1, max_k).double().sum(0).cpu()
+        aug_b = torch.zeros(max_k, dtype=torch.float64)
         for chunk in pos.split(positions_per_pass, dim=1):
             if augment:
                 out = model.training_loss(ids, chunk, max_k)
             else:
                 out = no_latent_trace_loss(decoder, ids, chunk, max_k)
-            aug_sum += out.loss_per_offset.double().cpu() * chunk.numel()
-        traces += pos.numel()
+            aug_b += out.loss_per_offset.double().cpu() * chunk.numel()
+        records.append((index[0], aug_b.tolist(), base_b.tolist(), b, pos.numel()))
         seqs += b
         bar.update(b)
-        bar.set_postfix(traces=traces)
+        bar.set_postfix(traces=sum(r[4] for r in records))
         if max_sequences is not None and seqs >= max_sequences:
             break
     bar.close()
+    aug_sum, base_sum, seqs, traces, seq_len = _combine(records, seq_len, world)
     if traces == 0:
         raise ValueError("no evaluation sequences: the data yielded no batches")
     result = summarize_offsets(aug_sum, base_sum, traces)
@@ -143,6 +201,8 @@ def evaluate_insertion(
         num_latents=model.num_latents,
         convention=model.aug_config.convention,
     )
+    if world > 1:
+        result["world_size"] = world
     return result
 
 
@@ -273,8 +333,45 @@ def _checkpoint_names(paths: list[str]) -> list[str]:
     return names
 
 
+def _eval_device(env, requested: str | None) -> torch.device | str | None:
+    """This rank's device. World size 1: ``--device`` as given (None: cuda when available). Several
+    ranks: ``--device`` when it names one (a bare ``cuda`` becomes ``cuda:LOCAL_RANK``), else the
+    training rule (:func:`~dist_cacheaug.distributed.device_for`: ``DS_ACCELERATOR``, then CUDA)."""
+    from ..distributed import device_for
+
+    if env.world_size == 1:
+        return requested
+    if requested is None:
+        return device_for(env)
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return device
+
+
 def run_eval_cli(args) -> int:
-    """``cacheaug eval``: Table 1 for one or more checkpoints on held-out shards."""
+    """``cacheaug eval``: Table 1 for one or more checkpoints on held-out shards.
+
+    Data parallel under any launcher that sets ``RANK`` / ``WORLD_SIZE`` (``torchrun``, the
+    ``deepspeed`` launcher) or inside ``srun``: one process per device, rank r evaluates global
+    sequences r, r+W, ..., the sums are gathered, and rank 0 alone writes the report and prints.
+    A plain ``cacheaug eval`` is world size 1 and starts no process group."""
+    from ..distributed import destroy, init_process_group, resolve
+
+    env = resolve()
+    device = _eval_device(env, args.device)
+    started = False
+    if env.world_size > 1 and not dist.is_initialized():
+        init_process_group(env, torch.device(device))
+        started = True
+    try:
+        return _run_eval(args, env, device)
+    finally:
+        if started:
+            destroy()
+
+
+def _run_eval(args, env, device) -> int:
     from data_tools.errors import DataError
     from data_tools.shards import read_manifest
 
@@ -300,7 +397,7 @@ def run_eval_cli(args) -> int:
         raise InferenceError(f"--max-k {args.max_k} leaves no valid position in {seq_len}-token sequences")
     results = {}
     for ckpt, name in zip(args.checkpoint, _checkpoint_names(args.checkpoint)):
-        model, cfg = load_for_inference(ckpt, decoder=args.decoder, device=args.device)
+        model, cfg = load_for_inference(ckpt, decoder=args.decoder, device=device)
         identity = training_tokenizer_identity(cfg)
         for d, m in manifests.items():
             check_vocab(model, int(m["tokenizer"]["vocab_size"]), f"{d}/manifest.json")
@@ -309,6 +406,8 @@ def run_eval_cli(args) -> int:
                 data,
                 seq_len=seq_len,
                 batch_size=args.batch_size,
+                rank=env.rank,
+                world_size=env.world_size,
                 max_samples=args.max_sequences,
                 tokenizer_identity=identity,
                 split=args.split,
@@ -322,8 +421,7 @@ def run_eval_cli(args) -> int:
             args.max_k,
             augment=not args.no_augment,
             positions_per_pass=args.positions_per_pass,
-            max_sequences=args.max_sequences,
-            seed=args.seed,
+            seed=args.seed,  # the loader caps the sequences at --max-sequences over all ranks
             progress=not args.no_progress,
             desc=name,
         )
@@ -332,6 +430,8 @@ def run_eval_cli(args) -> int:
             r["num_ahead_trained"] = cfg.model.num_ahead
         results[name] = r
         del model
+    if not env.is_main:
+        return 0
     paths = write_report(results, args.out)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..core.augment import mask_positions, soft_token_inputs
 from ..core.hf_compat import cache_arg
 from ..core.model import CacheAugmentedLM
 
@@ -19,8 +20,10 @@ from ..core.model import CacheAugmentedLM
 class ActivationsInputLM(CacheAugmentedLM):
     variant_name = "activations"
 
-    def _coprocessor_prefix(self, hidden: torch.Tensor, cache: DynamicCache) -> DynamicCache:
-        self.coprocessor(inputs_embeds=hidden.to(self.soft_tokens.dtype), **cache_arg(cache), use_cache=True)
+    def _coprocessor_prefix(self, hidden: torch.Tensor, cache: DynamicCache, **padding) -> DynamicCache:
+        self.coprocessor(
+            inputs_embeds=hidden.to(self.soft_tokens.dtype), **cache_arg(cache), use_cache=True, **padding
+        )
         return cache
 
     def trace_latents(self, input_ids, positions, cache, prefix_hidden, view_end=None) -> torch.Tensor:
@@ -29,13 +32,22 @@ class ActivationsInputLM(CacheAugmentedLM):
         )  # full layers: windowed by the mask
         return super().trace_latents(input_ids, positions, cop_cache, prefix_hidden, view_end)
 
-    def latents_for_prompt(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        hidden = self.decoder.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        cop_cache = self._coprocessor_prefix(hidden, DynamicCache(config=self.coprocessor.config))
+    def latents_for_prompt(
+        self, input_ids: torch.Tensor, cache: DynamicCache, attention_mask=None
+    ) -> torch.Tensor:
+        # Left-padded batch: positions and the 2D mask for the decoder and both coprocessor calls.
+        padding = {}
+        if attention_mask is not None:
+            padding = {"attention_mask": attention_mask, "position_ids": mask_positions(attention_mask)}
+        hidden = self.decoder.base_model(input_ids=input_ids, use_cache=False, **padding).last_hidden_state
+        cop_cache = self._coprocessor_prefix(hidden, DynamicCache(config=self.coprocessor.config), **padding)
         soft = self.soft_tokens[None].expand(input_ids.shape[0], -1, -1)
-        return self.coprocessor_states(soft, cop_cache)
+        if attention_mask is None:
+            return self.coprocessor_states(soft, cop_cache)
+        mask, pos = soft_token_inputs(attention_mask, self.num_latents)
+        return self.coprocessor_states(soft, cop_cache, mask, pos)
 
-    def latents_for_cache(self, cache, batch):
+    def latents_for_cache(self, cache, batch, attention_mask=None):
         raise NotImplementedError(
             "the activations variant reads the prompt's hidden states: use latents_for_prompt"
         )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ..core.augment import AugmentOutput, check_prompt, read_prompt
+from ..core.augment import AugmentOutput, check_attention_mask, check_prompt, read_prompt
 from ..core.model import (
     CONFIG_NAME,
     TrainingLossOutput,
@@ -71,14 +71,18 @@ class BaseLM(nn.Module):
         checkpoint_layers(self.lm.base_model.layers)
 
     @torch.no_grad()
-    def augment(self, input_ids: torch.Tensor) -> AugmentOutput:
+    def augment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> AugmentOutput:
         """No latents: the trained LM's cache of the prompt and its next-token logits (what the core's
-        decode loop does for ``augment=False``, and for this model whatever ``augment`` says)."""
+        decode loop does for ``augment=False``, and for this model whatever ``augment`` says).
+        ``attention_mask``: left-padded prompts, as ``CacheAugmentedLM.augment``."""
         b, n = check_prompt(input_ids)
-        cache, logits = read_prompt(self.lm, input_ids)
+        mask = check_attention_mask(input_ids, attention_mask)
+        cache, logits = read_prompt(self.lm, input_ids, mask)
         dtype = next(self.lm.parameters()).dtype
         empty = torch.zeros(b, 0, self.lm.config.hidden_size, dtype=dtype, device=logits.device)
-        return AugmentOutput(cache, logits, empty, n)
+        if mask is None:
+            return AugmentOutput(cache, logits, empty, n)
+        return AugmentOutput(cache, logits, empty, mask.sum(1), mask)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

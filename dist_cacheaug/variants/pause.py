@@ -34,7 +34,7 @@ class PauseTokensLM(NoCoprocessor, CacheAugmentedLM):
         dtype = next(self.decoder.parameters()).dtype
         return self.soft_tokens.to(dtype)[None, None].expand(b, p_count, -1, -1)
 
-    def latents_for_cache(self, cache: DynamicCache, batch: int) -> torch.Tensor:
+    def latents_for_cache(self, cache: DynamicCache, batch: int, attention_mask=None) -> torch.Tensor:
         return self.soft_tokens[None].expand(batch, -1, -1)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -11,11 +11,7 @@ import sys
 from .config import ConfigError, RunConfig, deepspeed_config, field_docs, load_config
 
 
-def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    if positional:
-        p.add_argument("config", help="run config YAML (see configs/)")
-    else:
-        p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
@@ -24,6 +20,14 @@ def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> No
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values parsed as YAML)",
     )
+
+
+def _add_config_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("config", help="run config YAML (see configs/)")
+    else:
+        p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    _add_overrides(p)
 
 
 def _fmt_count(n: float) -> str:
@@ -413,14 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", default=None, help="run config YAML (see configs/)")
     p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the same, as an option")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values parsed as YAML)",
-    )
+    _add_overrides(p)
     p.add_argument(
         "--world-size",
         type=int,

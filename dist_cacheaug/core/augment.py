@@ -160,28 +160,31 @@ def augment_at(
     and the latents [B, N_L, H] last when ``return_latents``. ``attention_mask``: [B, L] of a left-padded
     batch (checked by the caller); the next position id is then a LongTensor [B] and the decode cache's
     mask is ``augmented_mask(attention_mask, N_L)``."""
-    if attention_mask is not None:
-        return _augment_padded(model, clean, ids, delay, return_latents, attention_mask)
     b, length = ids.shape
     n_l, dec = model.num_latents, model.decoder
     dtype = next(dec.parameters()).dtype
     refeed = model.aug_config.convention == "refeed"
+    padded = attention_mask is not None
     view_len = length - delay
     base_len = length - 1 if refeed else length
     snaps = {}
     for n in sorted({view_len, base_len}):
-        snaps[n] = clean.advance_to(ids, n)
-    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len]).to(dtype)
+        snaps[n] = clean.advance_to(ids, n, attention_mask)
+    view_kw = {"attention_mask": attention_mask[:, :view_len]} if padded else {}
+    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len], **view_kw).to(dtype)
     cache = snaps[base_len]
+    # [B] tokens per row = the position after the row's last token (every row alone, from the mask)
+    real = attention_mask.sum(1) if padded else torch.full((b,), length, device=ids.device)
+    lat_pos = real[:, None] + torch.arange(n_l, device=ids.device)
     if refeed:
         inputs = torch.cat([latents, dec.get_input_embeddings()(ids[:, -1:])], 1)
-        pos = torch.cat([torch.arange(length, length + n_l), torch.tensor([length - 1])])
-        next_pos = length
+        pos = torch.cat([lat_pos, (real - 1)[:, None]], 1)
+        next_pos = real if padded else length
     else:
-        inputs, pos = latents, torch.arange(length, length + n_l)
-        next_pos = length + n_l
-    pos = pos.to(ids.device)[None].expand(b, -1)
-    out = dec(inputs_embeds=inputs, **cache_arg(cache), use_cache=True, position_ids=pos)
+        inputs, pos = latents, lat_pos
+        next_pos = real + n_l if padded else length + n_l
+    dec_kw = {"attention_mask": augmented_mask(attention_mask, n_l)} if padded else {}
+    out = dec(inputs_embeds=inputs, **dec_kw, **cache_arg(cache), use_cache=True, position_ids=pos)
     if return_latents:
         return cache, out.logits[:, -1].float(), next_pos, latents
     return cache, out.logits[:, -1].float(), next_pos
@@ -191,38 +194,6 @@ def augmented_mask(mask: torch.Tensor, num_latents: int) -> torch.Tensor:
     """[B, L + N_L] mask of the decode cache after augmenting a left-padded [B, L] batch. For both
     conventions: "refeed" moves x[p] after the latents, but x[p] (the last column) is a token in every row."""
     return torch.cat([mask, mask.new_ones(mask.shape[0], num_latents)], 1)
-
-
-def _augment_padded(model, clean: CleanCache, ids, delay: int, return_latents: bool, mask):
-    """:func:`augment_at` for a left-padded batch: every row as if alone (positions from the mask)."""
-    b, length = ids.shape
-    n_l, dec = model.num_latents, model.decoder
-    dtype = next(dec.parameters()).dtype
-    refeed = model.aug_config.convention == "refeed"
-    view_len = length - delay
-    base_len = length - 1 if refeed else length
-    snaps = {}
-    for n in sorted({view_len, base_len}):
-        snaps[n] = clean.advance_to(ids, n, mask)
-    view_mask = mask[:, :view_len]
-    latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len], attention_mask=view_mask).to(dtype)
-    cache = snaps[base_len]
-    real = mask.sum(1)  # [B] tokens per row: the position after the row's last token
-    lat_pos = real[:, None] + torch.arange(n_l, device=ids.device)
-    if refeed:
-        inputs = torch.cat([latents, dec.get_input_embeddings()(ids[:, -1:])], 1)
-        pos = torch.cat([lat_pos, (real - 1)[:, None]], 1)
-        next_pos = real
-    else:
-        inputs, pos = latents, lat_pos
-        next_pos = real + n_l
-    dec_mask = augmented_mask(mask, n_l)
-    out = dec(
-        inputs_embeds=inputs, attention_mask=dec_mask, **cache_arg(cache), use_cache=True, position_ids=pos
-    )
-    if return_latents:
-        return cache, out.logits[:, -1].float(), next_pos, latents
-    return cache, out.logits[:, -1].float(), next_pos
 
 
 def check_padded_delay(mask: torch.Tensor, delay: int) -> None:

@@ -365,7 +365,13 @@ def _add_eval_parsers(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
-        "downstream", help="local task files: GSM8K-format jsonl (exact match) and multiple-choice jsonl"
+        "downstream",
+        help="local task files: GSM8K-format jsonl (exact match) and multiple-choice jsonl",
+        description="Local task files: GSM8K-format jsonl (exact match) and multiple-choice jsonl. "
+        "--batch-size N prompts per pass (left-padded, longest first; the same numbers as one at a time). "
+        "Data parallel under a launcher, one process per device (batches split by rank, rank 0 writes): "
+        "torchrun --standalone --nproc_per_node N -m dist_cacheaug.cli downstream ... "
+        "(or deepspeed --num_gpus N --no_local_rank --module dist_cacheaug.cli downstream ..., or srun).",
     )
     _add_checkpoint_args(p)
     p.add_argument("--gsm8k", default=None, help="GSM8K-format jsonl (question, answer with '#### N')")
@@ -398,6 +404,19 @@ def _add_eval_parsers(sub) -> None:
         "--cot-prompt", default=None, help='the CoT suffix (default: "Let\'s think step by step.")'
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many items per task")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts per pass: GSM8K problems, or multiple-choice (question, choice) pairs (default 1)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="positions a prompt + latents + answer may use (default: the decoder's max_position_embeddings); "
+        "longer prompts are left-truncated, with a warning, and counted in the results",
+    )
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone (baseline)")
     p.add_argument("--reaugment-every", type=int, default=None, metavar="K")
     p.add_argument("--async-delay", type=int, default=None, metavar="D")

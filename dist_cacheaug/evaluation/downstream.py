@@ -26,9 +26,18 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..core.cache import clone_cache
-from ..core.generation import generate
 from ..core.hf_compat import cache_arg
 from ..core.model import CacheAugmentedLM
+from .batching import (
+    check_batch_size,
+    decoder_max_length,
+    fit_context,
+    generate_batch,
+    pad_id_for,
+    run_batched,
+    score_batch,
+    tokens_after_context,
+)
 from .inference import InferenceError
 
 COT_PROMPT = "Let's think step by step."
@@ -71,6 +80,8 @@ def load_gsm8k(path: str | Path) -> list[dict]:
     for i, row in enumerate(read_jsonl(path), 1):
         if "question" not in row or "answer" not in row:
             raise InferenceError(f"{path}: item {i} needs fields 'question' and 'answer'")
+        if not str(row["question"]).strip():
+            raise InferenceError(f"{path}: item {i}: 'question' is empty")
         ans = row["answer"]
         if isinstance(ans, str) and "####" in ans:
             work, target = ans.split("####", 1)
@@ -127,6 +138,11 @@ def load_mc(path: str | Path) -> list[dict]:
             labels, choices = [c.get("label") for c in choices], [c.get("text") for c in choices]
         if not isinstance(q, str) or not isinstance(choices, list) or len(choices) < 2:
             raise InferenceError(f"{path}: item {i} needs 'question' and a list of at least 2 'choices'")
+        if not q.strip():
+            raise InferenceError(f"{path}: item {i}: 'question' is empty")
+        empty = [j for j, c in enumerate(choices) if c is None or not str(c).strip()]
+        if empty:
+            raise InferenceError(f"{path}: item {i}: choice {empty[0]} is empty")
         labels = labels or [chr(ord("A") + j) for j in range(len(choices))]
         ans = row.get("answer", row.get("answerKey"))
         if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(choices):
@@ -222,21 +238,69 @@ def loglikelihood(model, tokenizer, context: str, continuation: str, *, augment:
 
 
 # ---- evaluators ------------------------------------------------------------------------------------
-def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
+def _warn_truncated(count: int, total: int, what: str, max_length: int, after: str, shard) -> None:
+    if count and shard[0] == 0:
+        print(
+            f"warning: {count} of {total} {what} did not fit max_length {max_length} (with {after}) and "
+            "were left-truncated (their most recent tokens kept); counted in the results as 'truncated'",
+            file=sys.stderr,
+        )
 
-    return tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr)
 
-
-def evaluate_mc(model, tokenizer, items: list[dict], *, augment: bool = True, progress: bool = False) -> dict:
-    preds, correct, correct_norm = [], 0, 0
-    bar = _bar(len(items), "multiple choice", progress)
-    for it in items:
+def evaluate_mc(
+    model,
+    tokenizer,
+    items: list[dict],
+    *,
+    augment: bool = True,
+    async_delay: int | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = False,
+) -> dict:
+    """acc / acc_norm on multiple-choice items. Every (question, choice) pair is one request;
+    ``batch_size`` pairs are scored per pass (a question's context is read once per batch), equal to
+    one at a time to float rounding. ``max_length`` (default: the decoder's positions): a context
+    longer than it allows after the latents and the longest choice is left-truncated, the same for
+    every choice of the item, and counted in ``truncated``. ``shard=(rank, world)``: data parallel
+    (:func:`~dist_cacheaug.evaluation.batching.run_batched`); every rank gets the full result."""
+    max_length = max_length or decoder_max_length(model)
+    pairs, truncated = [], 0
+    for n, it in enumerate(items, 1):
         context = mc_context(it["question"])
-        pairs = [encode_pair(tokenizer, context, " " + c) for c in it["choices"]]
-        ctx = pairs[0][0] or context_prefix(tokenizer, model)
-        scores = continuation_logprobs(model, ctx, [p[1] for p in pairs], augment=augment)
-        ll = [s for s, _ in scores]
+        encoded = [encode_pair(tokenizer, context, " " + c) for c in it["choices"]]
+        for j, (_, cont) in enumerate(encoded):
+            if not cont:
+                raise InferenceError(
+                    f"multiple choice item {n}: choice {j} ({it['choices'][j]!r}) encodes to no tokens"
+                )
+        longest = max(len(cont) for _, cont in encoded)
+        ctx, cut = fit_context(
+            encoded[0][0] or context_prefix(tokenizer, model),
+            tokens_after_context(model, augment, longest - 1),
+            max_length,
+            f"multiple choice item {n}",
+        )
+        truncated += cut
+        pairs += [(ctx, cont) for _, cont in encoded]
+    pad = pad_id_for(tokenizer, model.decoder.config.vocab_size)
+    scores = run_batched(
+        lambda batch: score_batch(model, batch, augment=augment, pad_id=pad, async_delay=async_delay),
+        pairs,
+        [(-len(c), tuple(c), -len(x)) for c, x in pairs],  # longest context first, its choices together
+        batch_size,
+        shard=shard,
+        progress=progress,
+        desc="multiple choice",
+    )
+    _warn_truncated(
+        truncated, len(items), "multiple-choice contexts", max_length, "the latents and choices", shard
+    )
+    preds, correct, correct_norm, k = [], 0, 0, 0
+    for it in items:
+        ll = [s for s, _ in scores[k : k + len(it["choices"])]]
+        k += len(it["choices"])
         norm = [s / max(len(c), 1) for s, c in zip(ll, it["choices"])]
         pick, pick_norm = max(range(len(ll)), key=ll.__getitem__), max(range(len(norm)), key=norm.__getitem__)
         correct += pick == it["label"]
@@ -250,16 +314,22 @@ def evaluate_mc(model, tokenizer, items: list[dict], *, augment: bool = True, pr
                 "label": it["label"],
             }
         )
-        bar.update(1)
-    bar.close()
     n = len(items)
     return {
         "task": "multiple_choice",
         "n": n,
         "acc": correct / n,
         "acc_norm": correct_norm / n,
+        "truncated": truncated,
         "predictions": preds,
     }
+
+
+def hits_stop(tokenizer, tokens: list[int]) -> bool:
+    """Whether a GSM8K completion so far is finished: a stop string, or text after the final
+    ``#### N`` line (:func:`truncate_at_stop` would cut it)."""
+    text = tokenizer.decode(tokens)
+    return truncate_at_stop(text) != text
 
 
 def evaluate_gsm8k(
@@ -273,32 +343,53 @@ def evaluate_gsm8k(
     reaugment_every: int | None = None,
     async_delay: int | None = None,
     cot: str | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = False,
 ) -> dict:
     """Exact match on GSM8K-format items. ``cot``: zero-shot CoT suffix after "Answer:" (the answer is
-    then read from the generated reasoning: after ``####`` when present, else its last number)."""
-    device = next(model.decoder.parameters()).device
-    preds, strict_ok, flex_ok = [], 0, 0
-    bar = _bar(len(items), "gsm8k", progress)
-    for it in items:
-        prompt = gsm8k_prompt(list(fewshot), it["question"], cot)
-        ids = tokenizer.encode(prompt)
-
-        def stop(gen_ids):
-            text = tokenizer.decode(gen_ids[0].tolist())
-            return truncate_at_stop(text) != text
-
-        out = generate(
-            model,
-            torch.tensor([ids], device=device),
-            max_new_tokens,
-            augment=augment,
-            reaugment_every=reaugment_every,
-            async_delay=async_delay,
-            eos_token_id=getattr(tokenizer, "eos_id", None),
-            stop=stop,
+    then read from the generated reasoning: after ``####`` when present, else its last number).
+    ``batch_size`` problems are decoded together (left-padded; greedy completions equal one at a time).
+    ``max_length`` (default: the decoder's positions): a prompt longer than it allows after the latents
+    and ``max_new_tokens`` is left-truncated and counted in ``truncated``. ``shard``: as
+    :func:`evaluate_mc`."""
+    max_length = max_length or decoder_max_length(model)
+    after = tokens_after_context(model, augment, max_new_tokens - 1)
+    prompts, truncated = [], 0
+    for n, it in enumerate(items, 1):
+        ids, cut = fit_context(
+            tokenizer.encode(gsm8k_prompt(list(fewshot), it["question"], cot)),
+            after,
+            max_length,
+            f"gsm8k item {n}",
         )
-        completion = truncate_at_stop(tokenizer.decode(out[0, len(ids) :].tolist()))
+        truncated += cut
+        prompts.append(ids)
+    pad = pad_id_for(tokenizer, model.decoder.config.vocab_size)
+    eos = getattr(tokenizer, "eos_id", None)
+    gen_kw = dict(augment=augment, reaugment_every=reaugment_every, async_delay=async_delay)
+    completions = run_batched(
+        lambda batch: generate_batch(
+            model,
+            batch,
+            max_new_tokens,
+            pad_id=pad,
+            eos_id=eos,
+            is_stop=lambda t: hits_stop(tokenizer, t),
+            **gen_kw,
+        ),
+        prompts,
+        [-len(p) for p in prompts],
+        batch_size,
+        shard=shard,
+        progress=progress,
+        desc="gsm8k",
+    )
+    _warn_truncated(truncated, len(items), "gsm8k prompts", max_length, "the latents and new tokens", shard)
+    preds, strict_ok, flex_ok = [], 0, 0
+    for it, new in zip(items, completions):
+        completion = truncate_at_stop(tokenizer.decode(new))
         strict, flexible = extract_answer(completion)
         strict_ok += strict == it["target"]
         flex_ok += flexible == it["target"]
@@ -311,8 +402,6 @@ def evaluate_gsm8k(
                 "target": it["target"],
             }
         )
-        bar.update(1)
-    bar.close()
     n = len(items)
     return {
         "task": "gsm8k",
@@ -321,6 +410,7 @@ def evaluate_gsm8k(
         "cot": cot,
         "exact_match_strict": strict_ok / n,
         "exact_match_flexible": flex_ok / n,
+        "truncated": truncated,
         "predictions": preds,
     }
 
@@ -343,18 +433,39 @@ def split_fewshot(items: list[dict], k: int, fewshot_items: list[dict] | None = 
 
 
 def run_downstream_cli(args) -> int:
-    from .inference import check_vocab, load_for_inference, load_tokenizer_for
+    """``cacheaug downstream``. Data parallel under a launcher (``torchrun``, ``deepspeed``, ``srun``):
+    every rank loads the model on its device and runs its share of the batches; the results are
+    gathered, and rank 0 alone prints and writes (the same numbers as one process)."""
+    from .data_parallel import data_parallel
 
     if not args.gsm8k and not args.mc:
         raise InferenceError("give at least one task file: --gsm8k FILE and/or --mc FILE")
+    check_batch_size(args.batch_size)
+    with data_parallel(args.device) as (env, device):
+        return _run_downstream(args, env, device)
+
+
+def _run_downstream(args, env, device) -> int:
+    from .inference import check_vocab, load_for_inference, load_tokenizer_for
+
     gsm = load_gsm8k(args.gsm8k) if args.gsm8k else None
     mc = load_mc(args.mc) if args.mc else None
     shots = load_gsm8k(args.fewshot_file) if args.fewshot_file else None
-    model, cfg = load_for_inference(args.checkpoint, decoder=args.decoder, device=args.device)
+    model, cfg = load_for_inference(args.checkpoint, decoder=args.decoder, device=device)
     tok = load_tokenizer_for(cfg, args.tokenizer, what="cacheaug downstream")
     check_vocab(model, tok.vocab_size, f"tokenizer {tok.path}")
     augment = not args.no_augment
-    results = {"checkpoint": str(args.checkpoint), "augment": augment, "num_latents": model.num_latents}
+    max_length = args.max_length or decoder_max_length(model)
+    run = dict(batch_size=args.batch_size, max_length=max_length, shard=(env.rank, env.world_size))
+    progress = not args.no_progress
+    results = {
+        "checkpoint": str(args.checkpoint),
+        "augment": augment,
+        "num_latents": model.num_latents,
+        "max_length": max_length,
+        "world_size": env.world_size,
+    }
+    say = print if env.is_main else (lambda *a, **k: None)
     if gsm is not None:
         cot = (getattr(args, "cot_prompt", None) or COT_PROMPT) if getattr(args, "cot", False) else None
         num_fewshot = args.num_fewshot if args.num_fewshot is not None else (0 if cot else DEFAULT_FEWSHOT)
@@ -371,22 +482,25 @@ def run_downstream_cli(args) -> int:
             reaugment_every=args.reaugment_every,
             async_delay=args.async_delay,
             cot=cot,
-            progress=not args.no_progress,
+            progress=progress,
+            **run,
         )
         results["gsm8k"] = r
         mode = f"{r['num_fewshot']}-shot" + (f", zero-shot CoT {cot!r}" if cot else "")
-        print(
+        say(
             f"gsm8k ({r['n']} items, {mode}): exact match strict {100 * r['exact_match_strict']:.2f}%"
             f", flexible {100 * r['exact_match_flexible']:.2f}%"
         )
     if mc is not None:
         items = mc[: args.limit] if args.limit else mc
-        r = evaluate_mc(model, tok, items, augment=augment, progress=not args.no_progress)
+        r = evaluate_mc(
+            model, tok, items, augment=augment, async_delay=args.async_delay, progress=progress, **run
+        )
         results["multiple_choice"] = r
-        print(
+        say(
             f"multiple choice ({r['n']} items): acc {100 * r['acc']:.2f}%, acc_norm {100 * r['acc_norm']:.2f}%"
         )
-    if args.out:
+    if args.out and env.is_main:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

@@ -333,22 +333,6 @@ def _checkpoint_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _eval_device(env, requested: str | None) -> torch.device | str | None:
-    """This rank's device. World size 1: ``--device`` as given (None: cuda when available). Several
-    ranks: ``--device`` when it names one (a bare ``cuda`` becomes ``cuda:LOCAL_RANK``), else the
-    training rule (:func:`~dist_cacheaug.distributed.device_for`: ``DS_ACCELERATOR``, then CUDA)."""
-    from ..distributed import device_for
-
-    if env.world_size == 1:
-        return requested
-    if requested is None:
-        return device_for(env)
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    return device
-
-
 def run_eval_cli(args) -> int:
     """``cacheaug eval``: Table 1 for one or more checkpoints on held-out shards.
 
@@ -356,19 +340,10 @@ def run_eval_cli(args) -> int:
     ``deepspeed`` launcher) or inside ``srun``: one process per device, rank r evaluates global
     sequences r, r+W, ..., the sums are gathered, and rank 0 alone writes the report and prints.
     A plain ``cacheaug eval`` is world size 1 and starts no process group."""
-    from ..distributed import destroy, init_process_group, resolve
+    from .data_parallel import data_parallel
 
-    env = resolve()
-    device = _eval_device(env, args.device)
-    started = False
-    if env.world_size > 1 and not dist.is_initialized():
-        init_process_group(env, torch.device(device))
-        started = True
-    try:
+    with data_parallel(args.device) as (env, device):
         return _run_eval(args, env, device)
-    finally:
-        if started:
-            destroy()
 
 
 def _run_eval(args, env, device) -> int:

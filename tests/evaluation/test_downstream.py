@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from inference_helpers import FIXTURES, CharTokenizer, tiny_world  # noqa: F401  (fixture)
 from tiny_models import VOCAB, tiny_decoder
 
+import dist_cacheaug.evaluation.batching as batching
 import dist_cacheaug.evaluation.downstream as ds
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
+from dist_cacheaug.core.generation import generate
 from dist_cacheaug.core.hf_compat import cache_arg
 from dist_cacheaug.evaluation.inference import InferenceError
 
@@ -66,20 +68,23 @@ def test_gsm8k_evaluator_scores_known_completions(monkeypatch):
         name = prompt.rsplit("Question: ", 1)[1].split()[0]
         return torch.cat([input_ids, torch.tensor([tok.encode(completions[name])])], 1)
 
-    monkeypatch.setattr(ds, "generate", fake_generate)
+    monkeypatch.setattr(batching, "generate", fake_generate)
     r = ds.evaluate_gsm8k(_model(), tok, evals, fewshot=shots, max_new_tokens=50)
     assert r["exact_match_strict"] == pytest.approx(2 / 4)
     assert r["exact_match_flexible"] == pytest.approx(3 / 4)
     assert [p["strict"] for p in r["predictions"]] == ["8", None, "1205", "1"]
-    assert seen[0][0] == (
+    assert [len(p) for p, _, _ in seen] == sorted((len(p) for p, _, _ in seen), reverse=True)  # longest first
+    assert next(p for p, _, _ in seen if "ben has" in p) == (
         "Question: ada has 3 pens and buys 4 more. how many pens?\nAnswer: 3 + 4 = 7.\n#### 7\n\n"
         "Question: ben has 10 eggs and uses 2. how many eggs?\nAnswer:"
     )
     assert all(aug for _, aug, _ in seen)
-    stop = seen[0][2]  # the stop callback fires on a finished answer, not before
-    assert stop(torch.tensor([tok.encode(" 1 + 1 = 2.\n#### 2")])) is False
-    assert stop(torch.tensor([tok.encode(" 1 + 1 = 2.\n#### 2\n")])) is True
-    assert stop(torch.tensor([tok.encode(" 2\nQuestion:")])) is True
+    assert [p["completion"] for p in r["predictions"]][0] == " 10 - 2 = 8.\n#### 8"
+    # the stop rule fires on a finished answer, not before
+    assert ds.hits_stop(tok, tok.encode(" 1 + 1 = 2.\n#### 2")) is False
+    assert ds.hits_stop(tok, tok.encode(" 1 + 1 = 2.\n#### 2\n")) is True
+    assert ds.hits_stop(tok, tok.encode(" 2\nQuestion:")) is True
+    assert ds.hits_stop(tok, tok.encode(" 12 - 2 = 1")) is False
 
 
 def test_gsm8k_evaluator_runs_a_real_model():
@@ -160,7 +165,7 @@ def test_continuation_logprobs_equal_plain_forward(family):
 def test_greedy_flag():
     model = _model()
     ctx = [5, 9, 11]
-    greedy = ds.generate(model, torch.tensor([ctx]), 3)[0, 3:].tolist()
+    greedy = generate(model, torch.tensor([ctx]), 3)[0, 3:].tolist()
     (lp, is_greedy), (_, other) = ds.continuation_logprobs(model, ctx, [greedy, [(greedy[0] + 1) % VOCAB]])
     assert is_greedy and not other
 
@@ -181,12 +186,12 @@ def test_lm_eval_adapter_matches_our_loglikelihood():
     got = lm.loglikelihood(reqs, disable_tqdm=True)
     for (c, x), (lp, greedy) in zip(pairs, got):
         want = ds.loglikelihood(model, tok, c, x)
-        assert lp == pytest.approx(want[0], abs=1e-6) and greedy == want[1]
+        assert lp == pytest.approx(want[0], abs=1e-4) and greedy == want[1]
     plain = CacheAugLM(model=model, tokenizer_obj=tok, augment="false").loglikelihood(
         reqs[:1], disable_tqdm=True
     )
-    assert plain[0][0] == pytest.approx(ds.loglikelihood(model, tok, *pairs[0], augment=False)[0], abs=1e-6)
-    assert plain[0][0] != pytest.approx(got[0][0], abs=1e-6)
+    assert plain[0][0] == pytest.approx(ds.loglikelihood(model, tok, *pairs[0], augment=False)[0], abs=1e-4)
+    assert plain[0][0] != pytest.approx(got[0][0], abs=1e-2)
 
     hook = force_logits(model, tok.encode("a")[0])
     try:
@@ -239,9 +244,9 @@ def test_zero_shot_cot_prompt_budget_and_answer_from_the_reasoning(monkeypatch):
         )
         return torch.cat([input_ids, torch.tensor([tok.encode(text)])], 1)
 
-    monkeypatch.setattr(ds, "generate", fake_generate)
+    monkeypatch.setattr(batching, "generate", fake_generate)
     cot = "lets think step by step."  # (the character tokenizer has no capitals or apostrophes)
-    r = ds.evaluate_gsm8k(_model(), tok, items, cot=cot, max_new_tokens=ds.COT_NEW_TOKENS)
+    r = ds.evaluate_gsm8k(_model(), tok, items, cot=cot, max_new_tokens=ds.COT_NEW_TOKENS, max_length=1024)
     assert seen[0] == (
         "Question: ada has 3 pens and buys 4 more. how many pens?\nAnswer: lets think step by step.",
         512,
@@ -258,11 +263,11 @@ def test_downstream_cli_cot_defaults_to_zero_shot_and_a_larger_budget(tiny_world
         budgets.append(max_new_tokens)
         return input_ids
 
-    monkeypatch.setattr(ds, "generate", fake_generate)
+    monkeypatch.setattr(batching, "generate", fake_generate)
     out = tmp_path / "cot.json"
     rc = main(
         ["downstream", "--checkpoint", str(tiny_world["run"]), "--gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"),
-         "--cot", "--limit", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+         "--cot", "--limit", "2", "--out", str(out), "--no-progress", "--device", "cpu", "--max-length", "1024"]
     )  # fmt: skip
     assert rc == 0
     res = json.loads(out.read_text())["gsm8k"]
@@ -271,7 +276,7 @@ def test_downstream_cli_cot_defaults_to_zero_shot_and_a_larger_budget(tiny_world
     rc = main(
         ["downstream", "--checkpoint", str(tiny_world["run"]), "--gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"),
          "--cot", "--cot-prompt", "Think.", "--num-fewshot", "1", "--max-new-tokens", "7", "--limit", "1",
-         "--out", str(out), "--no-progress", "--device", "cpu"]
+         "--out", str(out), "--no-progress", "--device", "cpu", "--max-length", "1024"]
     )  # fmt: skip
     res = json.loads(out.read_text())["gsm8k"]
     assert rc == 0 and res["num_fewshot"] == 1 and res["cot"] == "Think." and budgets[-1] == 7

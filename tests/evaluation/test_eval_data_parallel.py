@@ -118,3 +118,31 @@ def test_rank_shares_combine_to_the_one_rank_sums(monkeypatch):
     for key in NUMBERS:
         assert both[key] == full[key], key
     assert max(abs(x) for x in full["ppl_change_pct"]) > 0
+
+
+# ---- cacheaug downstream ------------------------------------------------------------------------------
+def _downstream_args(world, out: Path) -> list[str]:
+    fixtures = ROOT / "tests" / "fixtures"
+    return ["downstream", "--checkpoint", str(world["run"]), "--gsm8k", str(fixtures / "gsm8k_tiny.jsonl"),
+            "--num-fewshot", "1", "--max-new-tokens", "4", "--mc", str(fixtures / "mc_tiny.jsonl"),
+            "--batch-size", "2", "--out", str(out), "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="no torchrun")
+def test_downstream_two_ranks_equal_one_rank(tiny_world, tmp_path):  # noqa: F811
+    """Batches are planned the same for any world size (rank r runs batches r, r+W, ...), so every
+    score and completion equals the one-process run's exactly; rank 0 alone prints, writes and shows a
+    progress bar."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    p1 = _run(
+        [sys.executable, "-m", "dist_cacheaug.cli", *_downstream_args(tiny_world, one), "--no-progress"]
+    )
+    p2 = _run([*_launcher("torchrun"), *_downstream_args(tiny_world, two)])
+    r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (r1.pop("world_size"), r2.pop("world_size")) == (1, 2)
+    assert r2 == r1  # predictions included: log-likelihoods and completions, item by item
+    assert r1["gsm8k"]["n"] == 4 and r1["multiple_choice"]["n"] == 3
+    assert p2.stdout.count("multiple choice (3 items)") == 1 == p1.stdout.count("multiple choice (3 items)")
+    assert "gsm8k (rank 0 of 2)" in p2.stderr and "multiple choice (rank 0 of 2)" in p2.stderr
+    assert "rank 1 of 2" not in p2.stderr

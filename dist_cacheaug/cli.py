@@ -418,8 +418,16 @@ def _add_eval_parsers(sub) -> None:
         "longer prompts are left-truncated, with a warning, and counted in the results",
     )
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone (baseline)")
-    p.add_argument("--reaugment-every", type=int, default=None, metavar="K")
-    p.add_argument("--async-delay", type=int, default=None, metavar="D")
+    p.add_argument(
+        "--reaugment-every", type=int, default=None, metavar="K", help="GSM8K: augment again every K tokens"
+    )
+    p.add_argument(
+        "--async-delay",
+        type=int,
+        default=None,
+        metavar="D",
+        help="latents from the cache D tokens behind, for both tasks (default: the model's own)",
+    )
     p.add_argument("--out", default=None, help="write results (and per-item predictions) as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_downstream)

@@ -5,7 +5,7 @@
   into batches of ``batch_size``, and the results come back in the caller's order. Data parallel,
   rank r of W runs batches r, r+W, ... and the results are all-gathered. The batches do not depend on
   W, so every request is computed in the very same batch whatever the number of ranks: the numbers
-  equal a one-rank run's bit for bit.
+  equal a one-rank run's, bit for bit on the same kernels and thread count (tested on CPU).
 * **Padding**: prompts of a batch are LEFT-padded and carry an attention mask; every row then runs as
   if alone (``core/augment.py``). The pad id (:func:`pad_id_for`) is never attended to and takes no
   position, so it does not change any number.

@@ -340,16 +340,49 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt with cache augmentation (or the frozen baseline)")
+    p = sub.add_parser(
+        "generate",
+        help="continue prompts with cache augmentation (or the frozen baseline)",
+        description="Continue one or more prompts with cache augmentation, decoded by transformers' "
+        "generate (greedy unless --temperature > 0). Several prompts run as left-padded batches of "
+        "--batch-size; each prints as it would alone (greedy).",
+    )
     _add_checkpoint_args(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="text to continue (repeatable: one batch of prompts)"
+    )
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="more prompts, one per line (UTF-8; no empty lines)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per left-padded batch (default 8)")
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer path (default: the run config's data.tokenizer)"
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples at this temperature"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sampling: keep the K most likely tokens (0 = all)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus probability mass")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="HF repetition penalty (> 1 discourages tokens already in the prompt or output)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop string: a prompt's generation ends once its output contains it (repeatable; shown included)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--no-augment", action="store_true", help="the frozen decoder alone")
     p.add_argument(
         "--reaugment-every", type=int, default=None, metavar="K", help="augment again every K tokens"
@@ -361,7 +394,7 @@ def _add_eval_parsers(sub) -> None:
         metavar="D",
         help="latents from the cache D tokens behind (A.5; default: the model's own, 0 unless variant async)",
     )
-    p.add_argument("--bos", action="store_true", help="prepend the decoder's BOS token to the prompt")
+    p.add_argument("--bos", action="store_true", help="prepend the decoder's BOS token to every prompt")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

@@ -1,5 +1,6 @@
 """Slow references the batched passes are checked against (one trace at a time through plain HF
-cached decoding), shared by the core, variant and evaluation tests."""
+cached decoding) and the hand-written greedy loop generation is checked against, shared by the core,
+variant and evaluation tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tiny_models import VOCAB
 from transformers import DynamicCache
 
 from dist_cacheaug import CacheAugmentedLM, sample_positions
+from dist_cacheaug.core.augment import CleanCache, augment_at, augmented_mask, read_prompt
 from dist_cacheaug.core.hf_compat import cache_arg
 
 
@@ -76,3 +78,68 @@ def check_batched_equals_reference(model, reference, n_a=3, num_pos=6, seq_len=2
         torch.testing.assert_close(
             g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@torch.no_grad()
+def reference_greedy_generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    augment: bool = True,
+    reaugment_every: int | None = None,
+    async_delay: int = 0,
+    eos_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    logits_out: list | None = None,
+    penalty: float | None = None,
+) -> torch.Tensor:
+    """The hand-written greedy decode loop that generation used before it went through HF ``generate``:
+    the reference the HF path must reproduce. A finished row (after ``eos_token_id``) keeps emitting EOS
+    while the others go on. ``penalty``: HF's repetition penalty applied by hand (a logit of a token
+    already in the row, prompt included, is divided by it when positive, multiplied when negative)."""
+    mask = attention_mask
+    b, n = input_ids.shape
+    dec = model.decoder
+    clean = CleanCache(dec)
+    augment = augment and model.num_latents > 0
+    if augment:
+        cache, logits, next_pos = augment_at(model, clean, input_ids, async_delay, attention_mask=mask)
+    else:
+        cache, logits = read_prompt(dec, input_ids, mask)
+        next_pos = n if mask is None else mask.sum(1)
+    cache_mask = None
+    if mask is not None:
+        cache_mask = augmented_mask(mask, model.num_latents) if augment else mask
+    ids = input_ids
+    done = torch.zeros(b, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(logits)
+        scores = logits
+        if penalty is not None:
+            seen = torch.gather(logits, 1, ids)
+            scores = logits.scatter(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
+        tok = scores.argmax(-1)
+        if eos_token_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+            done |= tok == eos_token_id
+        ids = torch.cat([ids, tok[:, None]], 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if augment and reaugment_every and (step + 1) % reaugment_every == 0:
+            cache, logits, next_pos = augment_at(model, clean, ids, async_delay, attention_mask=mask)
+            if mask is not None:
+                cache_mask = augmented_mask(mask, model.num_latents)
+            continue
+        if cache_mask is None:
+            pos, extra = torch.full((b, 1), next_pos), {}
+        else:
+            cache_mask = torch.cat([cache_mask, cache_mask.new_ones(b, 1)], 1)
+            pos, extra = next_pos[:, None], {"attention_mask": cache_mask}
+        out = dec(input_ids=tok[:, None], **cache_arg(cache), use_cache=True, position_ids=pos, **extra)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return ids

@@ -40,7 +40,8 @@ Functions:
   the export file names ``CONFIG_NAME``, ``COPROCESSOR_DIR``, ``WEIGHTS_NAME``, ``SOFT_TOKENS_NAME``.
 * ``augment``: ``AugmentOutput``, ``check_prompt``, ``CleanCache`` (the latent-free cache, advanced
   lazily), ``augment_at`` (one augmentation at a length, optionally delayed), ``augment_prompt``,
-  ``read_prompt`` (no augmentation), ``sample_next_token``; for left-padded batches every one of these
+  ``read_prompt`` (no augmentation), ``latent_inputs`` (a step up to the decoder's pass over the
+  latents, which generation hands to HF ``generate``); for left-padded batches every one of these
   takes an ``attention_mask`` ([B, L], 1 = token), checked by ``check_attention_mask``, with per-row
   positions from ``mask_positions``.
 * ``cache``: ``clone_cache`` (cheap structural copy), ``read_only_view`` (a prefix that never grows).

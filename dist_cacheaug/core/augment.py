@@ -103,19 +103,6 @@ def check_delay(length: int, delay: int) -> None:
         )
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """[B] next tokens from logits [B, V]: greedy at ``temperature <= 0``, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-
-
 class CleanCache:
     """The decoder cache of real tokens only (no latents), advanced lazily; snapshots are cheap
     (``clone_cache`` shares tensors; layers rebind on update)."""
@@ -148,18 +135,23 @@ class CleanCache:
         return clone_cache(self.cache)
 
 
-def augment_at(
-    model,
-    clean: CleanCache,
-    ids: torch.Tensor,
-    delay: int,
-    return_latents: bool = False,
-    attention_mask: torch.Tensor | None = None,
-):
-    """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id),
-    and the latents [B, N_L, H] last when ``return_latents``. ``attention_mask``: [B, L] of a left-padded
-    batch (checked by the caller); the next position id is then a LongTensor [B] and the decode cache's
-    mask is ``augmented_mask(attention_mask, N_L)``."""
+@dataclass
+class LatentInputs:
+    """What the decoder reads to write an augmentation into its cache (everything before that pass)."""
+
+    cache: DynamicCache  # the latent-free cache the inputs follow: x[0..p] ("insert") or x[0..p-1] ("refeed")
+    inputs_embeds: torch.Tensor  # [B, n, H]: the N_L latents ("insert"), the latents then x[p] ("refeed")
+    position_ids: torch.Tensor  # [B, n]
+    attention_mask: torch.Tensor | None  # padded batches: [B, L + N_L] over cache + inputs; else None
+    next_position: int | torch.Tensor  # position id of the token after the inputs (a [B] tensor if padded)
+    latents: torch.Tensor  # [B, N_L, H]
+
+
+def latent_inputs(
+    model, clean: CleanCache, ids: torch.Tensor, delay: int, attention_mask: torch.Tensor | None = None
+) -> LatentInputs:
+    """The augmentation after ids[:, :L] up to (not including) the decoder's pass over the latents:
+    :func:`augment_at` runs that pass itself, generation hands it to HF ``generate`` as its prefill."""
     b, length = ids.shape
     n_l, dec = model.num_latents, model.decoder
     dtype = next(dec.parameters()).dtype
@@ -172,7 +164,6 @@ def augment_at(
         snaps[n] = clean.advance_to(ids, n, attention_mask)
     view_kw = {"attention_mask": attention_mask[:, :view_len]} if padded else {}
     latents = model.latents_for_prompt(ids[:, :view_len], snaps[view_len], **view_kw).to(dtype)
-    cache = snaps[base_len]
     # [B] tokens per row = the position after the row's last token (every row alone, from the mask)
     real = attention_mask.sum(1) if padded else torch.full((b,), length, device=ids.device)
     lat_pos = real[:, None] + torch.arange(n_l, device=ids.device)
@@ -183,11 +174,34 @@ def augment_at(
     else:
         inputs, pos = latents, lat_pos
         next_pos = real + n_l if padded else length + n_l
-    dec_kw = {"attention_mask": augmented_mask(attention_mask, n_l)} if padded else {}
-    out = dec(inputs_embeds=inputs, **dec_kw, **cache_arg(cache), use_cache=True, position_ids=pos)
+    mask = augmented_mask(attention_mask, n_l) if padded else None
+    return LatentInputs(snaps[base_len], inputs, pos, mask, next_pos, latents)
+
+
+def augment_at(
+    model,
+    clean: CleanCache,
+    ids: torch.Tensor,
+    delay: int,
+    return_latents: bool = False,
+    attention_mask: torch.Tensor | None = None,
+):
+    """Augment after ids[:, :L]. Returns (decode cache, next-token logits [B, V], next position id),
+    and the latents [B, N_L, H] last when ``return_latents``. ``attention_mask``: [B, L] of a left-padded
+    batch (checked by the caller); the next position id is then a LongTensor [B] and the decode cache's
+    mask is ``augmented_mask(attention_mask, N_L)``."""
+    li = latent_inputs(model, clean, ids, delay, attention_mask)
+    dec_kw = {"attention_mask": li.attention_mask} if li.attention_mask is not None else {}
+    out = model.decoder(
+        inputs_embeds=li.inputs_embeds,
+        **dec_kw,
+        **cache_arg(li.cache),
+        use_cache=True,
+        position_ids=li.position_ids,
+    )
     if return_latents:
-        return cache, out.logits[:, -1].float(), next_pos, latents
-    return cache, out.logits[:, -1].float(), next_pos
+        return li.cache, out.logits[:, -1].float(), li.next_position, li.latents
+    return li.cache, out.logits[:, -1].float(), li.next_position
 
 
 def augmented_mask(mask: torch.Tensor, num_latents: int) -> torch.Tensor:

@@ -427,29 +427,29 @@ class CacheAugmentedLM(nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         *,
         augment: bool = True,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
+        generation_config=None,
         attention_mask: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Augment once at the end of the prompt, then plain cached decoding. Returns [B, L + new]
-        (prompt followed by the generated tokens). ``augment=False``: the frozen decoder alone. The
-        decode loop is :func:`~.generation.generate` (which also re-augments and takes stop criteria).
-        ``attention_mask`` [B, L]: LEFT-padded prompts of different lengths (see :meth:`augment`)."""
+        """Augment at the end of the prompt, then decode with HF ``generate`` from the augmented cache.
+        Returns [B, L + new] (prompt followed by the generated tokens). Decoding options are HF's: a
+        ``generation_config=GenerationConfig(...)`` and/or its fields as keywords (``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``,
+        ``stop_strings`` with ``tokenizer=``, ...), defaults from the decoder's ``generation_config``.
+        ``augment=False``: the frozen decoder alone. ``attention_mask`` [B, L]: LEFT-padded prompts of
+        different lengths (see :meth:`augment`). Further keywords (``reaugment_every``, ``async_delay``,
+        ``stop``, ``stats``, ...) are those of :func:`~.generation.generate`, which this is."""
         return decode_loop(
             self,
             input_ids,
             max_new_tokens,
             augment=augment,
-            temperature=temperature,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            generator=generator,
+            generation_config=generation_config,
             attention_mask=attention_mask,
+            **kwargs,
         )
 
     # ---- persistence -------------------------------------------------------------------------------

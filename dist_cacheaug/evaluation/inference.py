@@ -160,49 +160,137 @@ def check_vocab(model: CacheAugmentedLM, tokenizer_vocab: int, what: str) -> Non
         )
 
 
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    """The ``--prompt`` texts followed by the lines of ``--prompts-file``; an InferenceError for an empty
+    prompt, an empty line, a missing or non-UTF-8 file, or no prompt at all."""
+    prompts = list(prompts)
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InferenceError(f"--prompts-file {path} does not exist")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InferenceError(f"--prompts-file {path}: not UTF-8 text ({e})") from e
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                raise InferenceError(
+                    f"--prompts-file {path} line {i} is empty: one prompt per line, no empty lines"
+                )
+        if not lines:
+            raise InferenceError(f"--prompts-file {path} holds no prompt")
+        prompts += lines
+    if not prompts:
+        raise InferenceError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise InferenceError("--prompt is empty: give some text to continue")
+    return prompts
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] ids, [B, L] attention mask) of token lists LEFT-padded to the longest (1 = token)."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, n - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_text(tokenizer, new_ids: list[int], eos_ids: list[int], stops: list[str]) -> str:
+    """The text of one row's generated ids: up to its first EOS, and up to the end of the first stop
+    string it contains (generation stops a row there; the batch's other rows may go on)."""
+    for i, t in enumerate(new_ids):
+        if t in eos_ids:
+            new_ids = new_ids[:i]
+            break
+    text = tokenizer.decode(new_ids)
+    ends = [text.index(s) + len(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def generation_options(args, tokenizer) -> dict:
+    """``generate`` keywords from the CLI: greedy at ``--temperature 0``, sampling above; HF's
+    top-k / top-p / repetition penalty; stop strings with the tokenizer (an HF tokenizer gets HF's own
+    stop-string criterion)."""
+    from data_tools.tokenizer import HFTokenizer
+
+    options = {}
+    if tokenizer.eos_id is not None:
+        options["eos_token_id"] = tokenizer.eos_id
+    if args.temperature > 0:
+        options.update(do_sample=True, temperature=args.temperature)
+        if args.top_k is not None:
+            options["top_k"] = args.top_k
+        if args.top_p is not None:
+            options["top_p"] = args.top_p
+    elif args.top_k is not None or args.top_p is not None:
+        raise InferenceError("--top-k and --top-p apply only when sampling: give --temperature > 0")
+    if args.repetition_penalty is not None:
+        options["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        options["stop_strings"] = list(args.stop)
+        options["tokenizer"] = tokenizer.tok if isinstance(tokenizer, HFTokenizer) else tokenizer
+    return options
+
+
 def run_generate_cli(args) -> int:
-    """``cacheaug generate``: print the completion of one prompt."""
+    """``cacheaug generate``: print the completion of every prompt (batches of ``--batch-size``)."""
     import time
 
     from ..core.generation import GenerationStats, generate
 
-    if not args.prompt or not args.prompt.strip():
-        raise InferenceError("--prompt is empty: give some text to continue")
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    if args.batch_size < 1:
+        raise InferenceError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, cfg = load_for_inference(args.checkpoint, decoder=args.decoder, device=args.device)
     tok = load_tokenizer_for(cfg, args.tokenizer, what="cacheaug generate")
     check_vocab(model, tok.vocab_size, f"tokenizer {tok.path}")
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise InferenceError(f"--prompt {args.prompt!r} encodes to no tokens")
-    if model.decoder.config.bos_token_id is not None and args.bos:
-        ids = [model.decoder.config.bos_token_id, *ids]
+    options = generation_options(args, tok)
+    bos = model.decoder.config.bos_token_id if args.bos else None
+    rows = []
+    for p in prompts:
+        ids = tok.encode(p)
+        if not ids:
+            raise InferenceError(f"--prompt {p!r} encodes to no tokens")
+        rows.append([bos, *ids] if bos is not None else ids)
+    eos = options.get("eos_token_id", model.decoder.generation_config.eos_token_id)
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     device = next(model.decoder.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    gen = torch.Generator().manual_seed(args.seed)
     stats = GenerationStats()
-    t0 = time.perf_counter()
-    try:
-        out = generate(
-            model,
-            input_ids,
-            args.max_new_tokens,
-            augment=not args.no_augment,
-            reaugment_every=args.reaugment_every,
-            async_delay=args.async_delay,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            eos_token_id=tok.eos_id,
-            generator=gen,
-            stats=stats,
-        )
-    except ValueError as e:
-        raise InferenceError(str(e)) from e
-    dt = time.perf_counter() - t0
-    new = out[0, input_ids.shape[1] :].tolist()
-    print(args.prompt + tok.decode(new))
+    texts = []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for start in range(0, len(rows), args.batch_size):
+        ids, mask = left_pad(rows[start : start + args.batch_size], pad, device)
+        try:
+            out = generate(
+                model,
+                ids,
+                args.max_new_tokens,
+                attention_mask=mask,
+                augment=not args.no_augment,
+                reaugment_every=args.reaugment_every,
+                async_delay=args.async_delay,
+                generator=gen,
+                stats=stats,
+                **options,
+            )
+        except ValueError as e:
+            raise InferenceError(str(e)) from e
+        texts += [completion_text(tok, row.tolist(), eos_ids, args.stop) for row in out[:, ids.shape[1] :]]
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
+        if len(prompts) > 1:
+            print(f"### prompt {i}/{len(prompts)}")
+        print(prompt + text)
     mode = "frozen decoder (no augmentation)" if args.no_augment else f"{model.num_latents} latents"
+    batches = -(-len(prompts) // args.batch_size)
     print(
-        f"\n[{len(new)} tokens in {dt:.2f}s; {mode}; augmentations {stats.augmentations}]",
+        f"\n[{len(prompts)} prompt(s) in {batches} batch(es), {stats.new_tokens} decoding steps in {dt:.2f}s "
+        f"({cpu:.2f}s CPU); {mode}; augmentations {stats.augmentations}]",
         file=sys.stderr,
     )
     return 0

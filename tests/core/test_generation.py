@@ -1,7 +1,12 @@
 """Generation: --no-augment = HF greedy generate; augmented = augment() + manual greedy decoding;
-re-augmentation and the asynchronous variant equal hand-written references; the CLI."""
+re-augmentation and the asynchronous variant equal hand-written references (written with plain HF
+calls, for a fixed number of tokens: these decoders have no EOS in their generation_config); the CLI
+(several prompts in left-padded batches, sampling options, stop strings). The options HF ``generate``
+brings are tested in test_hf_generation.py."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ def _model(family="gemma2", convention="insert", n_l=3):
         for p in model.coprocessor.parameters():
             if p.dim() > 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    model.decoder.generation_config.eos_token_id = None  # no default EOS: every run decodes NEW tokens
     return model
 
 
@@ -53,8 +59,8 @@ def greedy_from(model, cache, logits, next_pos, steps, trace=None):
 def test_no_augment_equals_hf_greedy_generate(family):
     model, ids = _model(family), _prompt()
     ours = generate(model, ids, NEW, augment=False)
-    hf = model.decoder.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-    assert torch.equal(ours, hf)
+    hf = model.decoder.generate(ids, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(ours, hf) and ours.shape[1] == ids.shape[1] + NEW
 
 
 @pytest.mark.parametrize("convention", ["insert", "refeed"])
@@ -159,36 +165,73 @@ def test_eos_and_stop_callback():
     assert generate(model, ids, NEW, stop=lambda g: g.shape[1] >= 4).shape[1] == 8 + 4
 
 
-def test_generate_cli(tiny_world, capsys):  # noqa: F811
+def _blocks(out: str, n: int) -> list[str]:
+    """The printed completions of ``cacheaug generate`` with ``n`` prompts."""
+    if n == 1:
+        return [out.rstrip("\n")]
+    parts = re.split(r"^### prompt \d+/\d+\n", out, flags=re.M)
+    assert parts[0] == "" and len(parts) == n + 1, out
+    return [p.rstrip("\n") for p in parts[1:]]
+
+
+PROMPTS = ["Question: Ada has 3 apples. How many", "Q", "Question: 12 + 7 = "]
+
+
+def test_generate_cli(tiny_world, capsys, tmp_path):  # noqa: F811
     run = tiny_world["run"]
-    prompt = "Question: Ada has 3 apples. How many"
-    base = [
-        "generate",
-        "--checkpoint",
-        str(run),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "6",
-        "--device",
-        "cpu",
-    ]
-    assert main([*base, "--no-augment"]) == 0
-    text = capsys.readouterr().out
-    # the baseline text equals HF greedy generation of the decoder from the run dir
+    base = ["generate", "--checkpoint", str(run), "--max-new-tokens", "6", "--device", "cpu"]
+
+    def cli(*extra, n=1):
+        assert main([*base, *extra]) == 0
+        out = capsys.readouterr()
+        cli.steps = int(re.search(r"(\d+) decoding steps", out.err).group(1))
+        return _blocks(out.out, n)
+
+    prompt = PROMPTS[0]
+    (text,) = cli("--prompt", prompt, "--no-augment")
+    # the baseline text equals HF greedy generation of the decoder from the run dir (to the tokenizer's EOS)
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(str(tiny_world["tok"]))
     dec = AutoModelForCausalLM.from_pretrained(run / "decoder", attn_implementation="eager")
     ids = torch.tensor([tok.encode(prompt)])
-    hf = dec.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert text.rstrip("\n") == prompt + tok.decode(hf[0, ids.shape[1] :].tolist())
+    hf = dec.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_id)[
+        0, ids.shape[1] :
+    ].tolist()
+    hf = hf[: hf.index(tok.eos_id)] if tok.eos_id in hf else hf
+    assert text == prompt + tok.decode(hf)
+    # several prompts (flags and a file) in left-padded batches: each as it prints alone (greedy)
+    alone = [cli("--prompt", p)[0] for p in PROMPTS]
+    assert len(set(alone)) == 3 and all(a.startswith(p) for a, p in zip(alone, PROMPTS))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[1:]) + "\n")
+    batched = cli(
+        "--prompt", PROMPTS[0], "--prompts-file", str(tmp_path / "prompts.txt"), "--batch-size", "2", n=3
+    )
+    assert batched == alone
+    # a stop string ends a prompt's text (included) and its generation
+    gen0 = alone[0][len(prompt) :]
+    stop = gen0[:2]
+    assert len(gen0) > 2, gen0
+    stopped = cli(*[a for p in PROMPTS for a in ("--prompt", p)], "--stop", stop, n=3)
+    for s, a, p in zip(stopped, alone, PROMPTS):
+        g = a[len(p) :]
+        assert s == (p + g[: g.index(stop) + len(stop)] if stop in g else a)
+    assert cli("--prompt", prompt, "--stop", stop) == [prompt + stop] and cli.steps < 6
     for extra in (
-        [],
         ["--reaugment-every", "2", "--async-delay", "1"],
-        ["--temperature", "0.8", "--top-p", "0.9"],
+        ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "5"],
+        ["--repetition-penalty", "1.5"],
     ):
-        assert main([*base, *extra]) == 0
-        assert capsys.readouterr().out.startswith(prompt)
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "  "]) == 2
-    assert "empty" in capsys.readouterr().err
+        assert cli("--prompt", prompt, *extra)[0].startswith(prompt)
+    seeded = ["--prompt", prompt, "--temperature", "1.5", "--seed", "3"]
+    assert cli(*seeded) == cli(*seeded)
+    (tmp_path / "holes.txt").write_text("a\n\nb\n")
+    for bad, message in (
+        (["--prompt", "  "], "empty"),
+        ([], "no prompt"),
+        (["--prompts-file", str(tmp_path / "holes.txt")], "line 2 is empty"),
+        (["--prompt", "x", "--top-k", "3"], "--temperature > 0"),
+        (["--prompt", "x", "--batch-size", "0"], "--batch-size"),
+    ):
+        assert main(["generate", "--checkpoint", str(run), *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad

@@ -43,6 +43,7 @@ def run_preset(name: str, args, device: torch.device) -> list[dict]:
     decoder = freeze(
         AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="eager").to(device)
     )
+    decoder.generation_config.eos_token_id = None  # fixed answer lengths: random weights may emit EOS
     params = sum(p.numel() for p in decoder.parameters())
     ids = torch.randint(3, hf.vocab_size, (args.batch, args.prompt_len), device=device)
     a = args.answer_len

@@ -60,6 +60,7 @@ def run_preset(name: str, args, device: torch.device) -> list[dict]:
     decoder = freeze(
         AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="eager").to(device)
     )
+    decoder.generation_config.eos_token_id = None  # fixed answer lengths: random weights may emit EOS
     params = sum(p.numel() for p in decoder.parameters())
     model = CacheAugmentedLM.from_decoder(decoder, num_latents=args.latents, seed=0).eval()
     g = torch.Generator().manual_seed(1)

@@ -210,8 +210,11 @@ class RowStops:
     As ``generate``'s ``stop`` callback it ends the batch once every row has ended; rows that ended
     earlier go on decoding, and :meth:`cut` drops what they wrote after their end."""
 
-    def __init__(self, rows: int, is_stop: Callable[[list[int]], bool] | None, eos_id: int | None):
-        self.is_stop, self.eos_id = is_stop, eos_id
+    def __init__(
+        self, rows: int, is_stop: Callable[[list[int]], bool] | None, eos_id: int | list[int] | None
+    ):
+        self.is_stop = is_stop
+        self.eos_ids = set() if eos_id is None else set(eos_id if isinstance(eos_id, list) else [eos_id])
         self.end: list[int | None] = [None] * rows
         self.checked = [0] * rows  # prefixes looked at so far, per row
 
@@ -220,9 +223,7 @@ class RowStops:
             t = self.checked[r]
             while self.end[r] is None and t < len(row):
                 t += 1
-                if (self.eos_id is not None and row[t - 1] == self.eos_id) or (
-                    self.is_stop is not None and self.is_stop(row[:t])
-                ):
+                if row[t - 1] in self.eos_ids or (self.is_stop is not None and self.is_stop(row[:t])):
                     self.end[r] = t
             self.checked[r] = t
         return all(e is not None for e in self.end)
@@ -250,6 +251,8 @@ def generate_batch(
     temperature, top_p."""
     device = next(model.decoder.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
+    if eos_id is None:  # ``generate`` then stops at the decoder's own EOS (HF's rule): so do the rows
+        eos_id = model.decoder.generation_config.eos_token_id
     stops = RowStops(len(prompts), is_stop, eos_id)
     out = generate(
         model,

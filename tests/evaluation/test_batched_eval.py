@@ -111,6 +111,11 @@ def test_generate_batch_rows_end_where_each_prompt_alone_ends(kw):
     assert len({len(w) for w in want}) > 1
     assert batching.generate_batch(model, prompts, n, eos_id=eos, is_stop=is_stop, **kw) == want
     assert batching.generate_batch(model, prompts, n, **kw) == free
+    # no eos_id given: ``generate`` stops at the decoder's own EOS (HF's default), and so must each row
+    model.decoder.generation_config.eos_token_id = eos
+    want_default = [_alone(model, p, n, eos, None, **kw) for p in prompts]
+    assert any(len(w) < n for w in want_default)
+    assert batching.generate_batch(model, prompts, n, **kw) == want_default
 
 
 def test_row_stops_find_the_first_end_even_between_calls():

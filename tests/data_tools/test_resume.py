@@ -44,18 +44,18 @@ def _nothing_half_written_looks_valid(d) -> None:
 
 
 # kill points: mid-way through the first shard, between a shard's rename and its journal line, right
-# after the first complete shard, mid-shard later on (val shard open), after a unit (--per-file), and
-# after the last shard before the manifest.
-POINTS = ["sample:3", "renamed:4", "shard:1", "sample:97", "shard:30", "unit:2", "done:1"]
+# after the first complete shard, mid-shard later on (val shard open), after the last shard before the
+# manifest, and (--per-file) after a unit.
+POINTS = ["sample:3", "renamed:4", "shard:1", "sample:97", "shard:30", "done:1"]
+CASES = [(False, p) for p in POINTS] + [(True, p) for p in [*POINTS, "unit:2"]]
 
 
-@pytest.mark.parametrize("per_file", [False, True], ids=["corpus", "per_file"])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(
+    ("per_file", "point"), CASES, ids=[f"{'per_file' if f else 'corpus'}-{p}" for f, p in CASES]
+)
 def test_killed_run_resumes_byte_identical(
     per_file, point, jsonl_corpus, references, run_killed, read_dataset, tmp_path
 ):
-    if point.startswith("unit") and not per_file:
-        pytest.skip("a corpus-wide run has one unit")
     kw = dict(
         tokenizer=jsonl_corpus.tok,
         inputs=[jsonl_corpus.dir],

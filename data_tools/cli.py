@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-sentences", type=int, default=5_000_000, help="sample at most this many lines")
     t.add_argument("--text-field", "--jsonl-field", default="text", help=FIELD_HELP)
     t.add_argument(
-        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+        "--doc-sep", default=None, help="split text files into documents on this string (e.g. '\\n\\n')"
     )
     t.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
     t.add_argument("--seed", type=int, default=0)
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--val-docs", type=int, default=None, help="number of documents held out")
     m.add_argument("--text-field", "--jsonl-field", default="text", help=FIELD_HELP)
     m.add_argument(
-        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+        "--doc-sep", default=None, help="split text files into documents on this string (e.g. '\\n\\n')"
     )
     m.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     m.add_argument("--seed", type=int, default=0, help="picks the validation documents")

@@ -4,7 +4,8 @@ CLI: ``python -m data_tools {train-tokenizer,make-shards,merge-shards,inspect,ve
 """
 
 from .errors import DataError
-from .make import make_shards, merge_parts
+from .make import make_shards
+from .parts import merge_parts
 from .shards import inspect_shards, read_manifest, read_shard, verify_shards, write_token_shards
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 

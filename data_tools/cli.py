@@ -127,7 +127,8 @@ def _print_summary(m: dict, out: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import shards, tokenizer
     from .corpus import expand_inputs, iter_corpus
-    from .make import make_shards, merge_parts
+    from .make import make_shards
+    from .parts import merge_parts
 
     progress = not args.no_progress
     if args.command == "train-tokenizer":

@@ -29,13 +29,11 @@ fail the same way.
 from __future__ import annotations
 
 import hashlib
-import heapq
-import json
 import multiprocessing as mp
 import os
 import signal
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -43,13 +41,20 @@ import numpy as np
 from . import journal
 from .corpus import check_input, expand_inputs, iter_documents
 from .errors import DataError
+from .parts import merge_parts
+from .plan import (
+    PART_FORMAT,
+    Options,
+    assemble_manifest,
+    assign_parts,
+    journal_name,
+    part_manifest_name,
+    zero_totals,
+)
 from .shards import (
     MANIFEST_NAME,
     SPLITS,
-    VERSION,
-    VERSION_UNITS,
     SplitWriter,
-    build_manifest,
     dtype_for_vocab,
     final_name,
     is_shard_name,
@@ -58,79 +63,6 @@ from .shards import (
     write_json_atomic,
 )
 from .tokenizer import Tokenizer, load_tokenizer
-
-PART_FORMAT = "dist_cacheaug.shards.part"
-END = 1 << 62  # a document index past every document of a file
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything that decides the output (``workers``, progress and overwrite do not)."""
-
-    seq_len: int
-    shard_samples: int = 1024
-    val_fraction: float = 0.0
-    val_docs: int | None = None
-    text_field: str = "text"
-    doc_sep: str | None = None
-    seed: int = 0
-    max_unk_fraction: float = 0.01
-    per_file: bool = False
-
-    def check(self) -> None:
-        if self.seq_len < 2:
-            raise DataError(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.shard_samples < 1:
-            raise DataError(f"--shard-samples must be >= 1, got {self.shard_samples}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_docs is not None and self.val_docs < 0:
-            raise DataError(f"--val-docs must be >= 0, got {self.val_docs}")
-        if self.per_file and self.val_docs is not None:
-            raise DataError(
-                "--val-docs needs the whole corpus counted first; with --per-file use --val-fraction"
-            )
-
-    def manifest_options(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "shard_samples": self.shard_samples,
-            "val_fraction": self.val_fraction,
-            "val_docs": self.val_docs,
-            "text_field": self.text_field,
-            "doc_sep": self.doc_sep,
-            "per_file": self.per_file,
-        }
-
-
-# ------------------------------------------------------------------------------------------- partitions
-def assign_parts(sizes: list[int], num_parts: int) -> list[int]:
-    """The part of every file: largest first, each to the part with the fewest bytes so far (ties: the
-    lower file index, the lower part). Every part gets a file when there are at least ``num_parts``."""
-    heap = [(0, p) for p in range(num_parts)]
-    part = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        load, p = heapq.heappop(heap)
-        part[i] = p
-        heapq.heappush(heap, (load + sizes[i], p))
-    return part
-
-
-def part_tag(part: int, num_parts: int) -> str:
-    return f"part-{part:04d}-of-{num_parts:04d}"
-
-
-def journal_name(part: int | None, num_parts: int) -> str:
-    return (
-        "make-shards.progress.jsonl"
-        if part is None
-        else f"make-shards.{part_tag(part, num_parts)}.progress.jsonl"
-    )
-
-
-def part_manifest_name(part: int, num_parts: int) -> str:
-    return f"manifest.{part_tag(part, num_parts)}.json"
-
 
 # ------------------------------------------------------------------------------------------- tokenizing
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -215,10 +147,6 @@ def _is_val_hashed(seed: int, f: int, j: int, fraction: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- one run
-def _zero_totals() -> dict[str, dict[str, int]]:
-    return {s: {"documents": 0, "doc_tokens": 0, "dropped_tokens": 0} for s in SPLITS}
-
-
 def _zero_file() -> dict[str, int]:
     return {"documents": 0, "tokens": 0, "unk_tokens": 0}
 
@@ -257,7 +185,7 @@ class _Run:
             return base == MANIFEST_NAME or base.startswith(("manifest.part-", "make-shards."))
         return base in (os.path.basename(self.journal_path), part_manifest_name(self.part, self.num_parts))
 
-    def _remove(self, keep: set[str] = frozenset()) -> None:
+    def remove_files(self, keep: set[str] = frozenset()) -> None:
         """Delete this run's files (the manifest first: from then on the directory is not a dataset).
         A part also deletes the merged manifest: it no longer describes the parts."""
         names = [n for n in os.listdir(self.out_dir) if self._owns(n) or n == MANIFEST_NAME]
@@ -276,7 +204,9 @@ class _Run:
                 raise journal.refuse(self.out_dir, header["fingerprint"], self.fingerprint)
             self.docs_per_file = header["docs_per_file"]
             self.is_val = self._val_set()
-            return journal.load(self.journal_path)
+            records = journal.load(self.journal_path)
+            self.writer = journal.Writer(self.journal_path)
+            return records
         if not overwrite and any(self._owns(n) for n in os.listdir(self.out_dir) if not final_name(n)):
             raise DataError(
                 f"output directory {self.out_dir!r} already holds shards; pass --overwrite to replace them"
@@ -285,11 +215,12 @@ class _Run:
             check_input(self.files[f], text_field=self.opts.text_field)
         self.docs_per_file = None if self.opts.per_file else self._count_documents(progress)
         self.is_val = self._val_set()  # its errors, too, come before anything is written
-        self._remove()
+        self.remove_files()
         journal.create(
             self.journal_path,
             {"fingerprint": self.fingerprint, "part": self.part, "docs_per_file": self.docs_per_file},
         )
+        self.writer = journal.Writer(self.journal_path)
         return []
 
     def _count_documents(self, progress: bool) -> list[int]:
@@ -333,14 +264,14 @@ class _Run:
         return "val" if self.is_val[self.first_doc[f] + j] else "train"
 
     # ---------------------------------------------------------------- state
-    def _restore(self, records: list[dict]) -> None:
+    def restore(self, records: list[dict]) -> None:
         """The state after the journal's last checkpoint (or the initial state)."""
         if self.docs_per_file is not None:
             self.first_doc = np.concatenate([[0], np.cumsum(self.docs_per_file)]).tolist()
         first = self.mine[0] if self.mine else len(self.files)
         self.at = (first, 0)
         self.replay = {s: (first, 0, 0) for s in SPLITS}
-        self.totals = _zero_totals()
+        self.totals = zero_totals()
         self.file_stats: dict[int, dict[str, int]] = {}
         self.done_entries: dict[str, list[dict]] = {s: [] for s in SPLITS}  # of finished units
         unit_entries: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -367,7 +298,7 @@ class _Run:
         keep.add(os.path.basename(self.journal_path))
         if self.done():
             keep.add(MANIFEST_NAME)  # nothing left to do: what is there stays valid
-        self._remove(keep=keep)  # shards written after the checkpoint, temp files, stale manifests
+        self.remove_files(keep=keep)  # shards written after the checkpoint, temp files, stale manifests
         self._new_unit(unit_entries)
 
     def _unit_of(self, f: int) -> int | None:
@@ -514,51 +445,6 @@ class _Run:
         }
 
 
-def assemble_manifest(
-    *, opts: Options, files: list[str], tokenizer: dict, dtype: str, results: list[dict]
-) -> dict[str, Any]:
-    """The manifest of a whole corpus from the results of its runs (one, or the N parts): per split the
-    summed counts and the shard entries in unit order. Checks what only the whole corpus can tell."""
-    totals = _zero_totals()
-    entries: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    file_stats: dict[int, dict] = {}
-    for r in results:
-        for s in SPLITS:
-            for k in totals[s]:
-                totals[s][k] += r["totals"][s][k]
-            entries[s] += r["entries"][s]
-        file_stats.update({int(f): st for f, st in r["files"].items()})
-    if sum(t["documents"] for t in totals.values()) == 0:
-        raise DataError(f"empty corpus: no non-blank documents in {len(files)} input file(s)")
-    if opts.val_fraction > 0 and totals["val"]["documents"] == 0:
-        raise DataError(
-            f"--val-fraction {opts.val_fraction} held out no document of {totals['train']['documents']} "
-            "(raise it)"
-        )
-    split_info = {}
-    for s in SPLITS:
-        shards = sorted(entries[s], key=lambda e: (e.get("unit") or 0, e["first_sample"]))
-        n = sum(e["num_samples"] for e in shards)
-        if totals[s]["documents"] and n == 0:
-            hint = "" if s == "train" else " (raise --val-fraction / --val-docs)"
-            per = " per input file (--per-file)" if opts.per_file else ""
-            raise DataError(
-                f"the {s} split has {totals[s]['doc_tokens']} tokens (EOS included), fewer than "
-                f"--seq-len {opts.seq_len}{per}: it cannot fill a single sample{hint}"
-            )
-        split_info[s] = {**totals[s], "num_samples": n, "num_tokens": n * opts.seq_len, "shards": shards}
-    inputs = [{"path": p, **file_stats[f]} for f, p in enumerate(files)]
-    return build_manifest(
-        seq_len=opts.seq_len,
-        dtype=dtype,
-        tokenizer=tokenizer,
-        options=opts.manifest_options(),
-        inputs=inputs,
-        split_info=split_info,
-        version=VERSION_UNITS if opts.per_file else VERSION,
-    )
-
-
 def _process(run: _Run, workers: int, progress: bool) -> None:
     eos = np.array([run.tok.eos_id], dtype=np.uint32)
     max_id = np.iinfo(run.dtype).max
@@ -649,8 +535,7 @@ def make_shards(
     run = _Run(tok, files, opts, os.fspath(out_dir), part=part, num_parts=num_parts)
     records = run.open(overwrite, progress)
     try:
-        run.writer = journal.Writer(run.journal_path)
-        run._restore(records)
+        run.restore(records)
         _process(run, max(1, workers), progress)
         run.kill_hook("done")
         if part is None:
@@ -675,79 +560,12 @@ def make_shards(
         write_json_atomic(os.path.join(out_dir, part_manifest_name(part, num_parts)), part_manifest)
     except DataError:
         run.abort_writers()
-        run._remove()  # bad input: the same run would fail the same way, so nothing is kept
+        run.remove_files()  # bad input: the same run would fail the same way, so nothing is kept
         raise
     except BaseException:
         run.abort_writers()  # the journal and complete shards stay: run again to continue
         raise
     finally:
-        if hasattr(run, "writer"):
-            run.writer.close()
+        run.writer.close()
     merged = merge_parts(out_dir, if_complete=True)
     return {**part_manifest, "merged": merged is not None}
-
-
-# ------------------------------------------------------------------------------------------- merging
-def merge_parts(out_dir: str, *, if_complete: bool = False) -> dict[str, Any] | None:
-    """Write ``manifest.json`` from the part manifests of a partitioned run (all N must be there).
-
-    With ``if_complete``, missing parts return None instead of raising (what every part does after
-    finishing: the last one merges)."""
-    out_dir = os.fspath(out_dir)
-    if not os.path.isdir(out_dir):
-        raise DataError(f"shard directory {out_dir!r} does not exist")
-    parts: dict[int, dict] = {}
-    counts = set()
-    for name in sorted(os.listdir(out_dir)):
-        if not (name.startswith("manifest.part-") and name.endswith(".json")):
-            continue
-        path = os.path.join(out_dir, name)
-        try:
-            with open(path) as fh:
-                pm = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read part manifest: {e}") from e
-        if not isinstance(pm, dict) or pm.get("format") != PART_FORMAT:
-            raise DataError(f"{path}: not a make-shards part manifest")
-        counts.add(pm["num_parts"])
-        parts[pm["part"]] = pm
-    if not parts:
-        raise DataError(
-            f"{out_dir!r} holds no part manifests (make-shards --num-parts N --part i writes them)"
-        )
-    if len(counts) > 1:
-        raise DataError(f"{out_dir!r} holds parts of runs with different --num-parts {sorted(counts)}")
-    (n,) = counts
-    missing = [i for i in range(n) if i not in parts]
-    if missing:
-        if if_complete:
-            return None
-        raise DataError(f"{out_dir!r}: part(s) {', '.join(map(str, missing))} of {n} are not finished yet")
-    first = parts[0]
-    for i, pm in parts.items():
-        if pm["fingerprint"] != first["fingerprint"]:
-            changes = journal.describe_changes(first["fingerprint"], pm["fingerprint"])
-            raise DataError(
-                f"{out_dir!r}: part {i} was made with other inputs or arguments than part 0 ({changes}); "
-                "rerun it with the same ones"
-            )
-    inputs = first["fingerprint"]["inputs"]
-    covered = sorted(int(f) for pm in parts.values() for f in pm["files"])
-    if covered != list(range(len(inputs))):
-        raise DataError(f"{out_dir!r}: the parts do not cover every input file exactly once")
-    for pm in parts.values():
-        for s in SPLITS:
-            for e in pm["entries"][s]:
-                p = os.path.join(out_dir, e["name"])
-                if not os.path.isfile(p) or os.path.getsize(p) != e["bytes"]:
-                    raise DataError(f"shard {p!r} of part {pm['part']} is missing or has the wrong size")
-    opts = Options(**first["fingerprint"]["options"])
-    manifest = assemble_manifest(
-        opts=opts,
-        files=[p for p, *_ in inputs],
-        tokenizer=first["tokenizer"],
-        dtype=first["dtype"],
-        results=[parts[i] for i in range(n)],
-    )
-    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    return manifest

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_tools import DataError, load_tokenizer, make_shards, merge_parts, read_manifest, read_shard
-from data_tools.make import assign_parts
+from data_tools.plan import assign_parts
 from dist_cacheaug.data import build_eval_loader, build_train_loader
 
 ARGS = {"seq_len": 32, "shard_samples": 4, "val_fraction": 0.1, "per_file": True, "progress": False}

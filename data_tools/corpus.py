@@ -72,10 +72,6 @@ def input_format(path: str) -> tuple[str, str | None]:
     return "text", compression
 
 
-def is_jsonl(path: str) -> bool:
-    return input_format(path)[0] == "jsonl"
-
-
 # ------------------------------------------------------------------------------------ byte streams
 class _ZstdRaw(io.RawIOBase):
     """Decompressed bytes of a zstd file, frame after frame.

@@ -322,7 +322,7 @@ class _Run:
         self.journaled = {s: len(self.writers[s].shards) for s in SPLITS}
 
     def done(self) -> bool:
-        return self.at[0] >= len(self.files) or (self.mine and self.at[0] > self.mine[-1])
+        return self.at[0] >= len(self.files) or bool(self.mine and self.at[0] > self.mine[-1])
 
     # ---------------------------------------------------------------- the documents still to read
     def events(self) -> Iterator[tuple]:

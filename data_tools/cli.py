@@ -9,15 +9,19 @@ import sys
 
 from .errors import DataError
 
+INPUT_HELP = (
+    "files or directories: .parquet, .jsonl/.ndjson/.json (JSON lines), anything else is text; JSON lines "
+    "and text may be .gz or .zst compressed"
+)
+FIELD_HELP = "the JSON field / Parquet column holding each document's text (default: text)"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-tokenizer", help="train a sentencepiece tokenizer on text/jsonl files")
-    t.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE", help=".txt/.jsonl (optionally .gz) or dirs"
-    )
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help=INPUT_HELP)
     t.add_argument(
         "--out", required=True, metavar="DIR", help="writes DIR/tokenizer.model + tokenizer_meta.json"
     )
@@ -30,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--character-coverage", type=float, default=0.9995)
     t.add_argument("--split-digits", action="store_true", help="every digit is its own piece")
     t.add_argument("--max-sentences", type=int, default=5_000_000, help="sample at most this many lines")
-    t.add_argument("--jsonl-field", default="text")
+    t.add_argument("--text-field", "--jsonl-field", default="text", help=FIELD_HELP)
     t.add_argument(
-        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+        "--doc-sep", default=None, help="split text files into documents on this string (e.g. '\\n\\n')"
     )
     t.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
     t.add_argument("--seed", type=int, default=0)
@@ -42,23 +46,41 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--tokenizer", required=True, help="sentencepiece .model, train-tokenizer dir or HF tokenizer dir"
     )
-    m.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    m.add_argument("--input", nargs="+", required=True, metavar="FILE", help=INPUT_HELP)
     m.add_argument("--out", required=True, metavar="DIR")
     m.add_argument("--seq-len", type=int, required=True)
     m.add_argument("--shard-samples", type=int, default=1024, help="samples per shard (default 1024)")
     val = m.add_mutually_exclusive_group()
     val.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out")
     val.add_argument("--val-docs", type=int, default=None, help="number of documents held out")
-    m.add_argument("--jsonl-field", default="text")
+    m.add_argument("--text-field", "--jsonl-field", default="text", help=FIELD_HELP)
     m.add_argument(
-        "--doc-sep", default=None, help="split .txt files into documents on this string (e.g. '\\n\\n')"
+        "--doc-sep", default=None, help="split text files into documents on this string (e.g. '\\n\\n')"
     )
     m.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     m.add_argument("--seed", type=int, default=0, help="picks the validation documents")
     m.add_argument(
         "--max-unk-fraction", type=float, default=0.01, help="per input file; above it is an error"
     )
-    m.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    m.add_argument(
+        "--per-file",
+        action="store_true",
+        help="pack, shard and hold out documents per input file (each file's last partial sample is "
+        "dropped); needed for --num-parts, whose merged result then equals one --per-file run",
+    )
+    m.add_argument(
+        "--num-parts", type=int, default=1, help="split the input files into N parts (one per node)"
+    )
+    m.add_argument("--part", type=int, default=None, help="the part this process makes, 0..N-1")
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete what --out holds from make-shards (by default a run with the same "
+        "arguments continues from its last complete shard)",
+    )
+
+    g = sub.add_parser("merge-shards", help="write manifest.json from the parts of a --num-parts run")
+    g.add_argument("dir")
 
     i = sub.add_parser("inspect", help="statistics and a few decoded samples")
     i.add_argument("dir")
@@ -83,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sh.add_argument("--out", required=True, metavar="DIR")
     sh.add_argument("--folio", action="store_true", help="also keep the First Folio spellings (*_f.txt)")
-    for sp in (t, m, i, v, a, sh):
+    for sp in (t, m, g, i, v, a, sh):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -92,16 +114,26 @@ def _unescape(sep: str | None) -> str | None:
     return None if sep is None else codecs.decode(sep, "unicode_escape")
 
 
+def _print_summary(m: dict, out: str) -> None:
+    for split, info in m["splits"].items():
+        print(
+            f"{split}: {info['documents']} docs -> {info['num_samples']} samples x {m['seq_len']} tokens in "
+            f"{len(info['shards'])} shards; {info['dropped_tokens']} tokens dropped (last partial sample"
+            f"{' of each file' if m['options'].get('per_file') else ''})"
+        )
+    print(f"wrote {out}/manifest.json ({m['dtype']}, tokenizer {m['tokenizer']['identity']})")
+
+
 def run(args: argparse.Namespace) -> int:
     from . import shards, tokenizer
     from .corpus import expand_inputs, iter_corpus
+    from .make import make_shards
+    from .parts import merge_parts
 
     progress = not args.no_progress
     if args.command == "train-tokenizer":
         files = expand_inputs(args.input)
-        docs = (
-            d for _, d in iter_corpus(files, jsonl_field=args.jsonl_field, doc_sep=_unescape(args.doc_sep))
-        )
+        docs = (d for _, d in iter_corpus(files, text_field=args.text_field, doc_sep=_unescape(args.doc_sep)))
         tok = tokenizer.train_tokenizer(
             docs,
             args.out,
@@ -119,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.out}/tokenizer.model: vocab {tok.vocab_size}, identity {tok.identity}")
     elif args.command == "make-shards":
-        m = shards.make_shards(
+        m = make_shards(
             args.tokenizer,
             args.input,
             args.out,
@@ -127,21 +159,27 @@ def run(args: argparse.Namespace) -> int:
             shard_samples=args.shard_samples,
             val_fraction=args.val_fraction,
             val_docs=args.val_docs,
-            jsonl_field=args.jsonl_field,
+            text_field=args.text_field,
             doc_sep=_unescape(args.doc_sep),
             workers=args.workers,
             seed=args.seed,
             max_unk_fraction=args.max_unk_fraction,
+            per_file=args.per_file,
+            num_parts=args.num_parts,
+            part=args.part,
             overwrite=args.overwrite,
             progress=progress,
         )
-        for split, info in m["splits"].items():
-            print(
-                f"{split}: {info['documents']} docs -> {info['num_samples']} samples x {m['seq_len']} tokens "
-                f"in "
-                f"{len(info['shards'])} shards; {info['dropped_tokens']} tokens dropped (last partial sample)"
-            )
-        print(f"wrote {args.out}/manifest.json ({m['dtype']}, tokenizer {m['tokenizer']['identity']})")
+        if args.part is not None:
+            n = sum(len(e) for e in m["entries"].values())
+            print(f"part {args.part} of {args.num_parts}: {len(m['files'])} input file(s) -> {n} shards")
+            if not m["merged"]:
+                print("other parts are not finished yet: the last one to finish writes manifest.json")
+                return 0
+            m = shards.read_manifest(args.out)
+        _print_summary(m, args.out)
+    elif args.command == "merge-shards":
+        _print_summary(merge_parts(args.dir), args.dir)
     elif args.command == "synth-arithmetic":
         from .synthetic import write_arithmetic_corpus
 

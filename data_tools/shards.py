@@ -1,16 +1,21 @@
-"""Tokenized, packed webdataset shards: writing (``make_shards``), reading, checking (``verify_shards``).
+"""The shard directory format: names, manifest, writing a split (``SplitWriter``), reading and checking
+(``read_shard``, ``verify_shards``, ``inspect_shards``). ``make.py`` fills it from a corpus.
 
 Layout of a shard directory::
 
     manifest.json            written last, atomically; a directory without it is not a dataset
-    train-000000.tar ...     webdataset tars; sample key "train_0000000042" (split + global index)
+    train-000000.tar ...     webdataset tars; sample key "train_0000000042" (split + index)
     val-000000.tar ...       each sample holds one member "<key>.input_ids.u16" (or .u32): seq_len
                              little-endian token ids, raw bytes; dtype also recorded in the manifest
 
+With ``make-shards --per-file`` (manifest version 2) every input file is a *unit* of its own: its shards
+are ``train-f000012-000000.tar`` ... (unit = the file's index among the inputs) with keys
+``train_f000012_0000000042`` (index within the unit), and each manifest entry records its ``unit``.
+
 Packing: documents are tokenized, EOS is appended after every document, and the token stream of each
-split is cut into fixed ``seq_len`` samples (samples cross document boundaries; the last partial
-sample is dropped and its token count reported). The validation split is a set of whole documents
-picked with ``seed``. Same inputs and options give byte-identical shards and manifest.
+split (of each unit) is cut into fixed ``seq_len`` samples (samples cross document boundaries; the last
+partial sample is dropped and its token count reported). Same inputs and options give byte-identical
+shards and manifest.
 """
 
 from __future__ import annotations
@@ -20,24 +25,24 @@ import io
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from .corpus import expand_inputs, iter_corpus, iter_documents
 from .errors import DataError
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import load_tokenizer
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dist_cacheaug.shards"
-VERSION = 1
+VERSION = 1  # corpus-wide packing
+VERSION_UNITS = 2  # --per-file: shard entries carry "unit"
 SPLITS = ("train", "val")
 DTYPES = {"uint16": "u16", "uint32": "u32"}
 
 
-def _progress(total=None, desc="", unit="it", enabled=True, **kw):
+def progress_bar(total=None, desc="", unit="it", enabled=True, **kw):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, **kw)
@@ -47,12 +52,22 @@ def sample_field(dtype: str) -> str:
     return f"input_ids.{DTYPES[dtype]}"
 
 
-def sample_key(split: str, index: int) -> str:
-    return f"{split}_{index:010d}"
+def sample_key(split: str, index: int, unit: int | None = None) -> str:
+    return f"{split}_{index:010d}" if unit is None else f"{split}_f{unit:06d}_{index:010d}"
 
 
-def shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:06d}.tar"
+def shard_name(split: str, number: int, unit: int | None = None) -> str:
+    return f"{split}-{number:06d}.tar" if unit is None else f"{split}-f{unit:06d}-{number:06d}.tar"
+
+
+def is_shard_name(name: str) -> bool:
+    return name.endswith(".tar") and name.split("-", 1)[0] in SPLITS
+
+
+def shard_unit(name: str) -> int | None:
+    """The unit of a shard file name (``train-f000012-000003.tar`` -> 12), None for corpus-wide shards."""
+    parts = name[: -len(".tar")].split("-")
+    return int(parts[1][1:]) if len(parts) == 3 and parts[1][:1] == "f" and parts[1][1:].isdigit() else None
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -82,8 +97,10 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
 
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise bad("format", f"must be {FORMAT!r}")
-    if m.get("version") != VERSION:
-        raise bad("version", f"is {m.get('version')!r}; this code reads version {VERSION}")
+    if m.get("version") not in (VERSION, VERSION_UNITS):
+        raise bad(
+            "version", f"is {m.get('version')!r}; this code reads versions {VERSION} and {VERSION_UNITS}"
+        )
     if not isinstance(m.get("seq_len"), int) or m["seq_len"] <= 0:
         raise bad("seq_len", "must be a positive integer")
     if m.get("dtype") not in DTYPES:
@@ -104,11 +121,28 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
                     raise bad(f"splits.{split}.shards[{i}].{key}", f"must be a {typ.__name__}")
             if os.path.basename(s["name"]) != s["name"]:
                 raise bad(f"splits.{split}.shards[{i}].name", "must be a plain file name")
+            if s.get("unit") is not None and not isinstance(s["unit"], int):
+                raise bad(f"splits.{split}.shards[{i}].unit", "must be an int")
     return m
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
+def temp_name(name: str) -> str:
+    """The hidden name a file is written under before it is renamed to ``name``: private to this host
+    and process (the parts of a partitioned run may write the same manifest at once on several nodes)."""
+    host = socket.gethostname().replace(".", "_")
+    return f".{name}.{host}-{os.getpid()}.tmp"
+
+
+def final_name(name: str) -> str | None:
+    """The file a :func:`temp_name` file was going to become, None for any other name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    return name[1:-4].rsplit(".", 1)[0]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``path`` so that it is either absent/old or complete: a private temp file, fsync, rename."""
+    tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -144,7 +178,7 @@ def read_shard(path: str, entry: dict, *, seq_len: int, dtype: str, verify_check
     try:
         stream = group_by_keys(tar_file_expander([{"url": name, "stream": io.BytesIO(data)}]))
         for j, s in enumerate(stream):
-            want = sample_key(split, first + j)
+            want = sample_key(split, first + j, entry.get("unit"))
             if s["__key__"] != want or field not in s or len(s) != 3:  # __key__, __url__, field
                 raise DataError(f"sample {j} is {s['__key__']!r} with {sorted(s)}, expected {want}.{field}")
             raw = s[field]
@@ -176,42 +210,58 @@ class _HashingFile:
 
 
 class SplitWriter:
-    """Writes one split's samples into ``<split>-NNNNNN.tar`` shards of ``shard_samples`` samples.
+    """Writes one split's samples (of one unit) into shards of ``shard_samples`` samples.
 
     Each shard is written to a hidden temp name and renamed once complete. Tar members have fixed
-    mtime/uid/gid/mode, so the bytes depend only on the samples.
+    mtime/uid/gid/mode, so the bytes depend only on the samples. ``shards``: entries of shards already
+    complete (a resumed run continues after them).
     """
 
-    def __init__(self, out_dir: str, split: str, *, seq_len: int, dtype: str, shard_samples: int):
+    def __init__(
+        self,
+        out_dir: str,
+        split: str,
+        *,
+        seq_len: int,
+        dtype: str,
+        shard_samples: int,
+        unit: int | None = None,
+        shards: list[dict] | None = None,
+    ):
         self.out_dir, self.split, self.seq_len, self.dtype = out_dir, split, seq_len, dtype
-        self.shard_samples = shard_samples
+        self.shard_samples, self.unit = shard_samples, unit
         self.field = sample_field(dtype)
-        self.shards: list[dict] = []
-        self.written: list[str] = []  # final paths, for cleanup on failure
-        self.num_samples = 0
+        self.shards: list[dict] = list(shards or [])
+        self.written: list[str] = []  # final paths written by this object, for cleanup on failure
+        self.num_samples = sum(e["num_samples"] for e in self.shards)
         self._tar = None
 
     def _open(self):
         import webdataset as wds
 
-        name = shard_name(self.split, len(self.shards))
-        self._tmp = os.path.join(self.out_dir, f".{name}.tmp")
+        name = shard_name(self.split, len(self.shards), self.unit)
+        self._tmp = os.path.join(self.out_dir, temp_name(name))
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
         self._tar = wds.TarWriter(self._hf, user="", group="", mode=0o444, encoder=False, mtime=0)
         self._entry = {"name": name, "first_sample": self.num_samples, "num_samples": 0}
+        if self.unit is not None:
+            self._entry["unit"] = self.unit
 
-    def write(self, sample: np.ndarray) -> None:
+    def write(self, sample: np.ndarray) -> bool:
+        """Add one sample; True when it completed a shard (now renamed into place: ``shards[-1]``)."""
         if sample.shape != (self.seq_len,):
             raise ValueError(f"sample shape {sample.shape} != ({self.seq_len},)")
         if self._tar is None:
             self._open()
         raw = np.ascontiguousarray(sample, dtype=np.dtype(self.dtype).newbyteorder("<")).tobytes()
-        self._tar.write({"__key__": sample_key(self.split, self.num_samples), self.field: raw})
+        self._tar.write({"__key__": sample_key(self.split, self.num_samples, self.unit), self.field: raw})
         self.num_samples += 1
         self._entry["num_samples"] += 1
         if self._entry["num_samples"] == self.shard_samples:
             self._close_shard()
+            return True
+        return False
 
     def _close_shard(self):
         self._tar.close()
@@ -230,250 +280,23 @@ class SplitWriter:
             self._close_shard()
         return self.shards
 
-    def abort(self) -> None:
+    def abort(self, remove_written: bool = True) -> None:
+        """Drop the open shard's temp file; with ``remove_written`` also the shards this object wrote."""
         if self._tar is not None:
-            try:
-                self._tar.close()
-            except Exception:
-                pass
-            self._file.close()
             self._tar = None
+            self._file.close()  # not tar.close(): that would write the end-of-archive blocks first
             if os.path.exists(self._tmp):
                 os.remove(self._tmp)
-        for p in self.written:
-            if os.path.exists(p):
-                os.remove(p)
+        if remove_written:
+            for p in self.written:
+                if os.path.exists(p):
+                    os.remove(p)
 
 
-class _Packer:
-    """Concatenates token arrays and cuts fixed-length samples."""
-
-    def __init__(self, seq_len: int):
-        self.seq_len, self.parts, self.n = seq_len, [], 0
-
-    def add(self, ids: np.ndarray) -> list[np.ndarray]:
-        self.parts.append(ids)
-        self.n += len(ids)
-        if self.n < self.seq_len:
-            return []
-        flat = np.concatenate(self.parts)
-        k = len(flat) // self.seq_len
-        out = [flat[i * self.seq_len : (i + 1) * self.seq_len] for i in range(k)]
-        rest = flat[k * self.seq_len :]
-        self.parts, self.n = [rest], len(rest)
-        return out
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _init_worker(tok: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tok
-
-
-def _tokenize_chunk(chunk: list[tuple[int, int, str]]) -> list[tuple[int, int, np.ndarray, int]]:
-    tok = _WORKER_TOKENIZER
-    out = []
-    for doc_index, file_index, text in chunk:
-        ids = np.asarray(tok.encode(text), dtype=np.int64)
-        n_unk = int(np.count_nonzero(ids == tok.unk_id)) if tok.unk_id is not None else 0
-        out.append((doc_index, file_index, ids, n_unk))
-    return out
-
-
-def _chunks(corpus: Iterator[tuple[int, str]], max_chars: int = 1 << 20, max_docs: int = 512):
-    chunk, chars = [], 0
-    for doc_index, (file_index, text) in enumerate(corpus):
-        chunk.append((doc_index, file_index, text))
-        chars += len(text)
-        if chars >= max_chars or len(chunk) >= max_docs:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = os.path.join(out_dir, MANIFEST_NAME)
-    ours = [
-        n
-        for n in os.listdir(out_dir)
-        if n == MANIFEST_NAME or (n.endswith(".tar") and n.split("-", 1)[0] in SPLITS) or n.endswith(".tmp")
-    ]
-    if ours and not overwrite:
-        raise DataError(
-            f"output directory {out_dir!r} already holds shards; pass --overwrite to replace them"
-        )
-    if os.path.exists(manifest):  # the manifest goes first: from here on the directory is not valid
-        os.remove(manifest)
-    for n in ours:
-        p = os.path.join(out_dir, n)
-        if os.path.exists(p):
-            os.remove(p)
-
-
-def make_shards(
-    tokenizer: str | Tokenizer,
-    inputs: list[str],
-    out_dir: str,
-    *,
-    seq_len: int,
-    shard_samples: int = 1024,
-    val_fraction: float = 0.0,
-    val_docs: int | None = None,
-    jsonl_field: str = "text",
-    doc_sep: str | None = None,
-    workers: int | None = None,
-    seed: int = 0,
-    max_unk_fraction: float = 0.01,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Tokenize ``inputs``, pack into ``seq_len`` samples, write train/val shards + manifest; returns it."""
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be >= 2, got {seq_len}")
-    if shard_samples < 1:
-        raise DataError(f"--shard-samples must be >= 1, got {shard_samples}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if val_docs is not None and val_docs < 0:
-        raise DataError(f"--val-docs must be >= 0, got {val_docs}")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if tok.eos_id is None:
-        raise DataError(f"tokenizer {tok.path!r} defines no EOS token (needed between documents)")
-    dtype = dtype_for_vocab(tok.vocab_size)
-    files = expand_inputs(inputs)
-    workers = max(1, workers or os.cpu_count() or 1)
-
-    # Pass 1: count documents (also surfaces unreadable / malformed files before anything is written).
-    docs_per_file = []
-    with _progress(len(files), "counting documents", "file", progress) as bar:
-        for path in files:
-            docs_per_file.append(
-                sum(1 for _ in iter_documents(path, jsonl_field=jsonl_field, doc_sep=doc_sep))
-            )
-            bar.update()
-    n_docs = sum(docs_per_file)
-    if n_docs == 0:
-        raise DataError(f"empty corpus: no non-blank documents in {len(files)} input file(s)")
-    n_val = val_docs if val_docs is not None else int(round(val_fraction * n_docs))
-    if val_fraction > 0 and n_val == 0:
-        n_val = 1
-    if n_val >= n_docs:
-        raise DataError(
-            f"validation split of {n_val} documents leaves no training documents (corpus has {n_docs})"
-        )
-    is_val = np.zeros(n_docs, dtype=bool)
-    is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
-
-    _prepare_out_dir(out_dir, overwrite)
-    writers = {
-        s: SplitWriter(out_dir, s, seq_len=seq_len, dtype=dtype, shard_samples=shard_samples) for s in SPLITS
-    }
-    packers = {s: _Packer(seq_len) for s in SPLITS}
-    stats = {s: {"documents": 0, "doc_tokens": 0} for s in SPLITS}
-    file_stats = [
-        {"path": p, "documents": c, "tokens": 0, "unk_tokens": 0} for p, c in zip(files, docs_per_file)
-    ]
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    max_id = np.iinfo(dtype).max
-
-    def check_file(fi: int) -> None:
-        fs = file_stats[fi]
-        if fs["tokens"] and fs["unk_tokens"] / fs["tokens"] > max_unk_fraction:
-            raise DataError(
-                f"input file {fs['path']!r}: {fs['unk_tokens']} of {fs['tokens']} tokens are <unk> "
-                f"(> --max-unk-fraction {max_unk_fraction}); the tokenizer cannot encode this text "
-                "(train one on it, or use byte fallback)"
-            )
-
-    pool = None
-    try:
-        corpus_chunks = _chunks(iter_corpus(files, jsonl_field=jsonl_field, doc_sep=doc_sep))
-        if workers > 1:
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tok,))
-            results = pool.imap(_tokenize_chunk, corpus_chunks)  # imap keeps input order: deterministic
-        else:
-            _init_worker(tok)
-            results = map(_tokenize_chunk, corpus_chunks)
-        last_file = 0
-        with _progress(n_docs, "tokenizing", "doc", progress) as bar:
-            for chunk in results:
-                for doc_index, fi, ids, n_unk in chunk:
-                    if fi != last_file:
-                        check_file(last_file)
-                        last_file = fi
-                    if len(ids) and int(ids.max()) > max_id:
-                        raise DataError(f"token id {int(ids.max())} does not fit {dtype}")
-                    file_stats[fi]["tokens"] += len(ids)
-                    file_stats[fi]["unk_tokens"] += n_unk
-                    split = "val" if is_val[doc_index] else "train"
-                    stats[split]["documents"] += 1
-                    stats[split]["doc_tokens"] += len(ids) + 1
-                    for sample in packers[split].add(np.concatenate([ids, eos])):
-                        writers[split].write(sample)
-                bar.update(len(chunk))
-        check_file(last_file)
-        for split in SPLITS:
-            if stats[split]["documents"] and writers[split].num_samples == 0:
-                hint = "" if split == "train" else " (raise --val-fraction / --val-docs)"
-                raise DataError(
-                    f"the {split} split has {stats[split]['doc_tokens']} tokens (EOS included), fewer than "
-                    f"--seq-len {seq_len}: it cannot fill a single sample{hint}"
-                )
-        split_info = {}
-        for split in SPLITS:
-            shards = writers[split].finish()
-            n = writers[split].num_samples
-            split_info[split] = {
-                **stats[split],
-                "num_samples": n,
-                "num_tokens": n * seq_len,
-                "dropped_tokens": packers[split].n,
-                "shards": shards,
-            }
-        manifest = _manifest(
-            seq_len=seq_len,
-            dtype=dtype,
-            tokenizer={
-                "identity": tok.identity,
-                "kind": tok.kind,
-                "path": tok.path,
-                "vocab_size": tok.vocab_size,
-                "eos_id": tok.eos_id,
-                "bos_id": tok.bos_id,
-                "pad_id": tok.pad_id,
-                "unk_id": tok.unk_id,
-            },
-            options={
-                "seed": seed,
-                "shard_samples": shard_samples,
-                "val_fraction": val_fraction,
-                "val_docs": val_docs,
-                "jsonl_field": jsonl_field,
-                "doc_sep": doc_sep,
-            },
-            inputs=file_stats,
-            split_info=split_info,
-        )
-        _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)  # last: marks the dir complete
-        return manifest
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
-def _manifest(*, seq_len, dtype, tokenizer, options, inputs, split_info) -> dict[str, Any]:
+def build_manifest(*, seq_len, dtype, tokenizer, options, inputs, split_info, version=VERSION) -> dict:
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": version,
         "seq_len": seq_len,
         "dtype": dtype,
         "sample_field": sample_field(dtype),
@@ -485,6 +308,19 @@ def _manifest(*, seq_len, dtype, tokenizer, options, inputs, split_info) -> dict
         "total_tokens": sum(s["num_tokens"] for s in split_info.values()),
         "splits": split_info,
     }
+
+
+def _clear_out_dir(out_dir: str, overwrite: bool) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    ours = [n for n in os.listdir(out_dir) if n == MANIFEST_NAME or is_shard_name(n) or n.endswith(".tmp")]
+    if ours and not overwrite:
+        raise DataError(
+            f"output directory {out_dir!r} already holds shards; pass --overwrite to replace them"
+        )
+    for n in sorted(ours, key=lambda n: n != MANIFEST_NAME):  # the manifest first: the dir is invalid
+        p = os.path.join(out_dir, n)
+        if os.path.exists(p):
+            os.remove(p)
 
 
 def write_token_shards(
@@ -502,7 +338,7 @@ def write_token_shards(
     needs at least ``identity`` and ``vocab_size``.
     """
     dtype = dtype_for_vocab(int(tokenizer["vocab_size"]))
-    _prepare_out_dir(out_dir, overwrite)
+    _clear_out_dir(out_dir, overwrite)
     writers = {
         s: SplitWriter(out_dir, s, seq_len=seq_len, dtype=dtype, shard_samples=shard_samples) for s in samples
     }
@@ -528,7 +364,7 @@ def write_token_shards(
             "pad_id": None,
             "unk_id": None,
         }
-        manifest = _manifest(
+        manifest = build_manifest(
             seq_len=seq_len,
             dtype=dtype,
             tokenizer={**tok, **tokenizer},
@@ -536,7 +372,7 @@ def write_token_shards(
             inputs=[],
             split_info=split_info,
         )
-        _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+        write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
         return manifest
     except BaseException:
         for w in writers.values():
@@ -568,7 +404,7 @@ def verify_shards(shard_dir: str, *, workers: int | None = None, progress: bool 
     import webdataset  # noqa: F401  (imports torch: once here, not in every forked worker)
 
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with _progress(len(jobs), "verifying", "shard", progress) as bar:
+    with progress_bar(len(jobs), "verifying", "shard", progress) as bar:
         if workers > 1:
             with mp.get_context("fork").Pool(workers) as pool:
                 results = list(_tqdm_iter(pool.imap(_verify_one, jobs), bar))

@@ -31,13 +31,13 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # already on disk; with a GPU, PyPI's default (CUDA) build of the same version.
   "$VPY" -m pip install -q "$TORCH"
 fi
-if ! "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest" >/dev/null 2>&1 \
+if ! "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest, pyarrow, zstandard" >/dev/null 2>&1 \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.cacheaug-installed" ] \
    || [ "$ROOT/constraints.txt" -nt "$VENV/.cacheaug-installed" ] \
    || [ "$(cat "$VENV/.cacheaug-installed" 2>/dev/null)" != "$DEPS" ]; then
   echo "[setup] installing dist_cacheaug (editable) and its dependencies ($DEPS versions)"
   "$VPY" -m pip install -q -e "$ROOT[dev]" "${PINS[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest" \
+  "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest, pyarrow, zstandard" \
     || { echo "[setup] install failed: see pip's output above" >&2; exit 1; }
   echo "$DEPS" >"$VENV/.cacheaug-installed"
 fi

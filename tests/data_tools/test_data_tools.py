@@ -152,8 +152,8 @@ def test_shards_decode_back_to_input(tok_dir, corpus, tmp_path):
     # decoding document by document gives the input text back
     cuts = np.flatnonzero(got == tok.eos_id) + 1
     assert [tok.decode(seg[:-1].tolist()) for seg in np.split(got, cuts)[:-1]] == docs[: len(cuts)]
-    assert sorted(os.listdir(out)) == ["manifest.json"] + [
-        f"train-{i:06d}.tar" for i in range(len(os.listdir(out)) - 1)
+    assert sorted(os.listdir(out)) == ["make-shards.progress.jsonl", "manifest.json"] + [
+        f"train-{i:06d}.tar" for i in range(len(os.listdir(out)) - 2)
     ]
 
 
@@ -278,13 +278,27 @@ def test_tokenizer_errors(tmp_path):
         train_tokenizer(iter(["", "  "]), str(tmp_path / "t"), vocab_size=100)
 
 
-def test_refuses_to_overwrite(tok_dir, corpus, tmp_path):
+def test_same_run_again_is_a_no_op_and_another_is_refused(tok_dir, corpus, tmp_path):
     _, files, _ = corpus
-    make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False)
-    with pytest.raises(DataError, match="--overwrite"):
-        make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False)
+    m = make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False)
+    before = {n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path) if n.endswith(".tar")}
+    assert make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False) == m
+    assert before == {
+        n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path) if n.endswith(".tar")
+    }
+    with pytest.raises(DataError, match=r"seq_len: 64 -> 128.*--overwrite"):
+        make_shards(tok_dir, files, str(tmp_path), seq_len=128, progress=False)
+    assert read_manifest(str(tmp_path)) == m  # the refused run touched nothing
     make_shards(tok_dir, files, str(tmp_path), seq_len=128, overwrite=True, progress=False)
     assert read_manifest(str(tmp_path))["seq_len"] == 128
+
+
+def test_shards_of_another_tool_are_not_overwritten(tok_dir, corpus, tmp_path):
+    _, files, _ = corpus
+    (tmp_path / "train-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(DataError, match="already holds shards; pass --overwrite"):
+        make_shards(tok_dir, files, str(tmp_path), seq_len=64, progress=False)
+    assert (tmp_path / "train-000000.tar").read_bytes() == b"someone else's"
 
 
 def test_decode_maps_ids_past_the_tokenizer_to_unk(tmp_path):

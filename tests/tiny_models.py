@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dist_cacheaug.core.decoder import freeze
+from dist_cacheaug.core.model import CacheAugmentedLM
 
 VOCAB = 61
 
@@ -85,3 +86,29 @@ def tiny_decoder(family: str = "gemma2", seed: int = 0, **overrides) -> torch.nn
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     return freeze(model)
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Seeded noise on every matrix: a coprocessor initialised from the decoder becomes unlike it, so its
+    latents matter numerically (a mistake in their positions or masks changes the outputs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * scale)
+
+
+def tiny_augmented(
+    family: str = "gemma2",
+    convention: str = "insert",
+    n_l: int = 3,
+    cls=CacheAugmentedLM,
+    decoder_kw=None,
+    **kw,
+):
+    """A tiny cache-augmented model in eval mode with a perturbed coprocessor (when it has one)."""
+    model = cls.from_decoder(
+        tiny_decoder(family, **(decoder_kw or {})), num_latents=n_l, convention=convention, seed=1, **kw
+    )
+    if getattr(model, "coprocessor", None) is not None:
+        perturb(model.coprocessor)
+    return model.eval()

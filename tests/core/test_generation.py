@@ -11,11 +11,10 @@ import re
 import pytest
 import torch
 from inference_helpers import tiny_world  # noqa: F401  (fixture)
-from tiny_models import VOCAB, tiny_decoder
+from tiny_models import VOCAB, tiny_augmented
 from transformers import DynamicCache
 
 from data_tools import load_tokenizer
-from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
 from dist_cacheaug.core.generation import GenerationStats, generate
 from dist_cacheaug.core.hf_compat import cache_arg
@@ -24,13 +23,7 @@ NEW = 12
 
 
 def _model(family="gemma2", convention="insert", n_l=3):
-    model = CacheAugmentedLM.from_decoder(
-        tiny_decoder(family), num_latents=n_l, convention=convention, seed=1
-    )
-    with torch.no_grad():  # a coprocessor unlike the decoder: latents that matter
-        for p in model.coprocessor.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    model = tiny_augmented(family, convention, n_l)
     model.decoder.generation_config.eos_token_id = None  # no default EOS: every run decodes NEW tokens
     return model
 

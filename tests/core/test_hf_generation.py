@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_helpers import reference_greedy_generate
-from tiny_models import VOCAB, tiny_decoder
+from tiny_models import VOCAB, tiny_augmented
 from tokenizers import Tokenizer, decoders, models
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.core.generation import GenerationStats, generate
 
 NEW = 10
@@ -26,14 +25,7 @@ LENGTHS = [1, 6, 11]
 
 
 def _model(family="gemma2", convention="insert", n_l=3):
-    model = CacheAugmentedLM.from_decoder(
-        tiny_decoder(family), num_latents=n_l, convention=convention, seed=1
-    )
-    with torch.no_grad():  # a coprocessor unlike the decoder: latents that matter
-        for p in model.coprocessor.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
-    return model.eval()
+    return tiny_augmented(family, convention, n_l)
 
 
 def _padded(lengths=LENGTHS, seed=0):

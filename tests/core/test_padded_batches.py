@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_decoder
+from tiny_models import VOCAB, tiny_augmented, tiny_decoder
 
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.core.generation import generate
@@ -23,19 +23,8 @@ ATOL = 1e-5
 PAD = 0
 
 
-def _perturb(module: torch.nn.Module) -> None:
-    """A coprocessor unlike the decoder: latents that matter."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
-
-
 def _model(family: str, convention: str, n_l: int = 3, cls=CacheAugmentedLM, **kwargs):
-    model = cls.from_decoder(tiny_decoder(family), num_latents=n_l, convention=convention, seed=1, **kwargs)
-    if getattr(model, "coprocessor", None) is not None:
-        _perturb(model.coprocessor)
-    return model.eval()
+    return tiny_augmented(family, convention, n_l, cls=cls, **kwargs)
 
 
 @pytest.fixture(

@@ -12,10 +12,9 @@ import json
 import pytest
 import torch
 from inference_helpers import FIXTURES, CharTokenizer, tiny_world  # noqa: F401  (fixture)
-from tiny_models import VOCAB, tiny_decoder
+from tiny_models import VOCAB, tiny_augmented
 
 import dist_cacheaug.evaluation.downstream as ds
-from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.cli import main
 from dist_cacheaug.core.generation import generate
 from dist_cacheaug.evaluation import batching
@@ -25,14 +24,7 @@ ATOL = 1e-4  # on a sum of log-probs: measured differences are ~1e-6 (fp32 sums 
 
 
 def _model(family="gemma2", convention="insert", n_l=3, **decoder_kw):
-    model = CacheAugmentedLM.from_decoder(
-        tiny_decoder(family, **decoder_kw), num_latents=n_l, convention=convention, seed=1
-    )
-    with torch.no_grad():  # a coprocessor unlike the decoder, so the latents matter
-        for p in model.coprocessor.parameters():
-            if p.dim() > 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
-    return model.eval()
+    return tiny_augmented(family, convention, n_l, decoder_kw=decoder_kw)
 
 
 def _ids(lengths, seed=0):

@@ -412,7 +412,7 @@ def bench_model(
     row["metrics_peak_gib"] = max((m["peak_mem_gib"] for m in steps), default=None)
     row["step_times"] = [m["step_time"] for m in steps]
     row["losses"] = [m.get("loss") for m in steps]
-    row["export_ok"] = (run_dir / "export" / "coprocessor").is_dir()
+    row["export_ok"] = (run_dir / "export" / "cacheaug_config.json").is_file()
     if r["rc"] or not row["export_ok"]:
         print(f"[{name}] train FAILED (rc {r['rc']}):\n{tail(r['log'])}")
         return row

@@ -9,14 +9,14 @@ fp32 rounding (rel 1e-5); in practice the differences are 0.
    step, the weights after the steps, the frozen decoder's share per rank, and the all-gathers each
    pass makes (one per layer in the prefix pass, the trace pass and the backward), with and without
    activation checkpointing;
-3. HSDP, 4 ranks: two copies of the decoder, each split over 2 ranks;
+3. HSDP, 4 ranks: two copies of the decoder, each split over 2 ranks (with ZeRO++ hpZ);
 4. the real ``cacheaug train``, 2 ranks: replicated and sharded runs give the same metrics, validation
-   and export; checkpoints hold no decoder tensor; a sharded run resumes exactly.
+   and export; checkpoints hold no decoder tensor; a sharded run resumes exactly, and a replicated
+   run's checkpoint resumes sharded.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -115,7 +115,9 @@ class GatherCounter:
         return out
 
 
-def _engine_worker(rank: int, world: int, port: int, out_dir: str, cases: list, shard_size: int) -> None:
+def _engine_worker(
+    rank: int, world: int, port: int, out_dir: str, cases: list, shard_size: int, extra: list
+) -> None:
     """Per case: a replicated and a sharded engine around the same model; 3 identical steps each."""
     from deepspeed.utils import safe_get_full_grad
 
@@ -137,6 +139,7 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, cases: list, 
                 f"train.global_batch_size={2 * world}",
                 "train.micro_batch_size=2",
                 "model.num_positions=6",
+                *extra,
             ]
             tmp = Path(out_dir)
             rep_cfg = _cfg(tmp / f"{variant}-{rank}", *sets)
@@ -146,14 +149,17 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, cases: list, 
                 "zero.shard_decoder=true",
                 f"zero.decoder_shard_size={shard_size}",
             )
-            engines, models = [], []
-            for cfg in (rep_cfg, sh_cfg):
+            engines, models = [None, None], [None, None]
+            # The sharded engine first: with hpZ, its deepspeed.zero.Init creates DeepSpeed's hpZ
+            # groups, which refuses to run after another engine of this process made them (the
+            # engine itself reuses existing ones). One trainer process builds one engine.
+            for i, cfg in ((1, sh_cfg), (0, rep_cfg)):
                 decoder = build_decoder(cfg.model, device=device, seed=cfg.train.seed)
                 model = build_trainable(cfg, decoder)
                 if checkpointing:
                     model.enable_activation_checkpointing()
-                engines.append(build_engine(cfg, model, world_size=world, device=device))
-                models.append(model)
+                engines[i] = build_engine(cfg, model, world_size=world, device=device)
+                models[i] = model
             rep, sh = engines
             decoder = models[1].decoder
             result = {
@@ -208,11 +214,12 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, cases: list, 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _spawn_engines(tmp_path: Path, world: int, cases: list, shard_size: int = 0) -> list:
+def _spawn_engines(tmp_path: Path, world: int, cases: list, shard_size: int = 0, extra=()) -> list:
     import torch.multiprocessing as mp
 
     port = distributed.free_port()
-    mp.spawn(_engine_worker, args=(world, port, str(tmp_path), cases, shard_size), nprocs=world, join=True)
+    args = (world, port, str(tmp_path), cases, shard_size, list(extra))
+    mp.spawn(_engine_worker, args=args, nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -266,8 +273,12 @@ def test_sharded_engine_equals_replicated_two_ranks(tmp_path):
 @pytest.mark.slow
 def test_sharded_engine_hsdp_four_ranks(tmp_path):
     """4 ranks, ``zero.decoder_shard_size=2``: two copies of the decoder, each split over 2 ranks (a
-    2-D mesh, as on nodes of 2 GPUs). Every gather stays inside a pair."""
-    results = _spawn_engines(tmp_path, 4, [("coprocessor", True)], shard_size=2)
+    2-D mesh, as on nodes of 2 GPUs). Every gather stays inside a pair. The coprocessor uses ZeRO++ hpZ
+    over the same pairs (``zero.hpz_partition_size=2``), as the big-base configs are launched, so the
+    coprocessor's partitioning before the engine (``deepspeed.zero.Init``) builds hpZ groups too."""
+    results = _spawn_engines(
+        tmp_path, 4, [("coprocessor", True)], shard_size=2, extra=["zero.hpz_partition_size=2"]
+    )
     for rank_results in results:
         _check_equal_to_replicated(rank_results[0], 4, 2)
 
@@ -347,23 +358,28 @@ def test_trainer_sharded_equals_replicated_and_checkpoints_hold_no_decoder(runs)
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_trainer_sharded_resumes_exactly(runs, tmp_path):
+    """A sharded run stopped after step 2 continues exactly. A replicated run's checkpoint resumes
+    sharded too: checkpoints hold no decoder, so the layout is free to change."""
     tmp, cfg_path, _, _ = runs
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(tmp / "sh", run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step_000004")
-    shutil.rmtree(run_dir / "export")
-    (run_dir / "checkpoints" / "latest").write_text("step_000002\n")
-    proc = run_train(2, cfg_path, f"train.run_dir={run_dir}", "zero.shard_decoder=true")
-    assert "resumed from" in proc.stdout and "at step 2 (exact)" in proc.stdout
-    want, got = metrics(tmp / "sh"), metrics(run_dir)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    assert "val_loss" in got[3]
-    for a, b in zip(want[2:], got[2:]):
-        for key in DETERMINISTIC + ("val_loss", "val_baseline"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    meta = json.loads((run_dir / "checkpoints" / "step_000004" / "meta.json").read_text())
-    assert meta["world_size"] == 2
+    want = metrics(tmp / "sh")
+    for source in ("sh", "rep"):
+        run_dir = tmp_path / f"resumed-{source}"
+        shutil.copytree(tmp / source, run_dir)
+        shutil.rmtree(run_dir / "checkpoints" / "step_000004")
+        shutil.rmtree(run_dir / "export")
+        (run_dir / "checkpoints" / "latest").write_text("step_000002\n")
+        proc = run_train(2, cfg_path, f"train.run_dir={run_dir}", "zero.shard_decoder=true")
+        assert "resumed from" in proc.stdout and "at step 2 (exact)" in proc.stdout
+        assert "frozen decoder sharded (FSDP2)" in proc.stdout
+        got = metrics(run_dir)
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        assert "val_loss" in got[3]
+        rel = 1e-6 if source == "sh" else REL
+        for a, b in zip(want[2:], got[2:]):
+            for key in DETERMINISTIC + ("val_loss", "val_baseline"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-9), (source, a["step"], key)
+        assert (run_dir / "export" / "cacheaug_config.json").is_file()
 
 
 def test_cacheaug_config_prints_both_decoder_layouts(capsys):

@@ -1,6 +1,7 @@
-"""Real widths without a GPU: Gemma-2 2B, Gemma-2 9B and Llama-3 8B shapes, cut to 2 layers, end to end.
+"""Real widths without a GPU: Gemma-2 2B/9B/27B and Llama-3 8B/70B shapes, cut to 2 layers, end to end.
 
-    python bench/real_widths.py [--models gemma2-2b gemma2-9b llama3-8b] [--out DIR] [--keep]
+    python bench/real_widths.py [--models gemma2-2b gemma2-9b llama3-8b gemma2-27b llama3-70b]
+                                [--variant coprocessor|pause] [--ranks N] [--out DIR] [--keep] [--force]
 
 For each model: a random decoder with the real per-layer shapes and vocabulary but ``num_hidden_layers=2``
 is saved as a local HF directory (safetensors); the real ``cacheaug train`` trains a coprocessor on it for
@@ -15,13 +16,23 @@ that imports torch, transformers, deepspeed and dist_cacheaug and builds nothing
 ``estimate.memory_estimate(cfg, world_size=1, bf16=False)`` for the same config (the trainer runs fp32 on
 CPU: decoder dtype "auto" = float32, DeepSpeed bf16 off).
 
-Each model needs roughly 9 GiB (gemma2-2b), 18 GiB (gemma2-9b), 20 GiB (llama3-8b) of RAM; a model whose
-estimate does not fit in MemAvailable is skipped unless --force. Results: docs/real_widths.md.
+Big bases (gemma2-27b, llama3-70b; ``SHARDED``) run as their configs do: 2 ranks (launchers/local.sh) with
+the frozen decoder sharded (``zero.shard_decoder``), global batch 2; the estimate is then per rank,
+``memory_estimate(cfg, world_size=2, bf16=False)``, and ``ru_maxrss`` is the largest rank's. Their random
+decoders are written one tensor at a time (``save_streaming``), since a whole fp32 copy of them may not fit.
+``--variant pause`` trains N_L soft tokens through the same sharded decoder (prefix pass, trace pass,
+backward into the soft tokens) without a coprocessor, for machines too small for the 2-layer coprocessor's
+optimizer state.
+
+Each model needs roughly 9 GiB (gemma2-2b), 18 GiB (gemma2-9b), 20 GiB (llama3-8b) of RAM; the big bases
+print their estimate. A model whose estimate (× ranks) does not fit in MemAvailable is skipped unless
+--force. Results: docs/real_widths.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -60,6 +71,11 @@ MODELS: dict[str, tuple[str, dict]] = {
         },
     ),
 }
+MODELS["gemma2-27b"] = ("configs/gemma2_27b_shard.yaml", {})
+MODELS["llama3-70b"] = ("configs/llama3_70b_shard.yaml", {})
+#: run on RANKS_SHARDED ranks with the frozen decoder sharded, as their configs do
+SHARDED = {"gemma2-27b", "llama3-70b"}
+RANKS_SHARDED = 2
 NUM_LAYERS = 2
 SHAPE = {"seq_len": 512, "num_positions": 8, "num_latents": 16, "num_ahead": 16}
 
@@ -78,8 +94,17 @@ def hf_kwargs(name: str) -> dict:
     return kw
 
 
-def overrides(decoder_dir: Path, shards: Path, tok: Path, run_dir: Path) -> list[str]:
+def ranks_of(name: str) -> int:
+    return RANKS_SHARDED if name in SHARDED else 1
+
+
+def overrides(
+    decoder_dir: Path, shards: Path, tok: Path, run_dir: Path, *, ranks: int = 1, variant: str = "coprocessor"
+) -> list[str]:
+    sharded = [f"zero.shard_decoder={str(ranks > 1).lower()}"]
     return [
+        *sharded,
+        f"model.variant={variant}",
         f"model.decoder_path={decoder_dir}",
         f"model.num_positions={SHAPE['num_positions']}",
         f"model.num_latents={SHAPE['num_latents']}",
@@ -94,7 +119,7 @@ def overrides(decoder_dir: Path, shards: Path, tok: Path, run_dir: Path) -> list
         f"train.run_dir={run_dir}",
         "train.max_steps=2",
         "train.micro_batch_size=1",
-        "train.global_batch_size=1",
+        f"train.global_batch_size={ranks}",
         "train.log_interval=1",
         "train.eval_interval=0",  # evaluation is `cacheaug eval` below
         "train.checkpoint_interval=2",
@@ -109,22 +134,44 @@ def overrides(decoder_dir: Path, shards: Path, tok: Path, run_dir: Path) -> list
 
 
 def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / RssAnon / RssFile of ``pid`` in KiB ({} once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
+    """VmRSS / RssAnon / RssFile of ``pid`` and its descendants (a launcher's ranks), summed, in KiB
+    ({} once it is gone). Pages several processes map (a decoder's mmap'd safetensors in each rank)
+    count once per process here."""
+    total: dict[str, int] = {}
     keys = ("VmRSS", "RssAnon", "RssFile")
-    return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in text.splitlines()) if k in keys}
+    for p in _tree(pid):
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for k, v in (ln.split(":", 1) for ln in text.splitlines()):
+            if k in keys:
+                total[k] = total.get(k, 0) + int(v.split()[0])
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (/proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}/task").is_dir() else []:
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
 
 
 def run_measured(cmd: list[str], log: Path, timeout: float = 3600) -> dict:
     """Run ``cmd`` (DS_ACCELERATOR=cpu), output to ``log``; return rc, wall seconds, peak RSS in GiB.
 
-    ``peak_rss_gib`` is the kernel's high-water mark (``ru_maxrss`` from ``os.wait4``). The process is
-    also sampled every 0.1 s (/proc/PID/status): ``sampled_peak`` splits the largest sampled RSS into
-    anonymous memory and file-backed pages (safetensors weights are mmap'd: file-backed), and
-    ``LOG.rss.tsv`` holds the timeline."""
+    ``peak_rss_gib`` is the kernel's high-water mark (``ru_maxrss`` from ``os.wait4``; for a launcher,
+    the largest of it and its ranks). The process tree is also sampled every 0.1 s (/proc/PID/status,
+    summed over the ranks): ``sampled_peak`` splits the largest sampled RSS into anonymous memory and
+    file-backed pages (safetensors weights are mmap'd: file-backed), and ``LOG.rss.tsv`` holds the
+    timeline."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     peak: dict[str, int] = {}
@@ -194,11 +241,57 @@ def child_save(name: str, out: str) -> None:
     from dist_cacheaug.core.decoder import hf_config_from_dict
 
     hf = hf_config_from_dict(hf_kwargs(name))
+    if name in SHARDED:
+        print(json.dumps({"params": save_streaming(hf, Path(out))}))
+        return
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"params": n}))
+
+
+def save_streaming(hf, out: Path, shard_bytes: int = 2 * GiB) -> int:
+    """A random fp32 HF checkpoint of architecture ``hf`` written one tensor at a time into safetensors
+    shards of about ``shard_bytes`` with an index, so no whole copy of the model is ever in memory.
+    Weights: normal(0, ``initializer_range``) for matrices; norms 0 for Gemma-2 (its RMSNorm scales by
+    1 + w) and 1 otherwise. Returns the number of parameters."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    shapes = {n: p.shape for n, p in model.named_parameters()}  # tied weights appear once
+    gen = torch.Generator().manual_seed(0)
+    norm = 0.0 if hf.model_type == "gemma2" else 1.0
+    weight_map, shard, size, files, total = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, size, files
+        if shard:
+            files += 1
+            name = f"model-{files:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            t = torch.empty(shape).normal_(0.0, hf.initializer_range, generator=gen)
+        else:
+            t = torch.full(shape, norm)
+        total += t.numel()
+        if size and size + t.numel() * 4 > shard_bytes:
+            flush()
+        shard[name] = t
+        size += t.numel() * 4
+    flush()
+    index = {"metadata": {"total_size": total * 4}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    hf.save_pretrained(out)
+    return total
 
 
 def child_reload(run_dir: str) -> None:
@@ -207,12 +300,12 @@ def child_reload(run_dir: str) -> None:
 
     from dist_cacheaug import load_config
     from dist_cacheaug.core.decoder import build_decoder
-    from dist_cacheaug.core.model import CacheAugmentedLM
     from dist_cacheaug.train import checkpoint
+    from dist_cacheaug.variants import load_pretrained
 
     cfg = load_config(Path(run_dir) / "config.yaml")
     decoder = build_decoder(cfg.model, device="cpu")
-    model = CacheAugmentedLM.from_pretrained(Path(run_dir) / "export", decoder=decoder).eval()
+    model = load_pretrained(Path(run_dir) / "export", decoder=decoder).eval()
     # the export is the trained state: compare with the final checkpoint's consolidated fp32 weights
     ckpt = checkpoint.latest(Path(run_dir) / "checkpoints")
     weights = load_file(str(ckpt / checkpoint.WEIGHTS))
@@ -225,8 +318,7 @@ def child_reload(run_dir: str) -> None:
     print(
         json.dumps(
             {
-                "coprocessor_params": sum(p.numel() for p in model.coprocessor.parameters())
-                + model.soft_tokens.numel(),
+                "coprocessor_params": sum(p.numel() for p in model.parameters()),  # trainable part
                 "decoder_params": sum(p.numel() for p in decoder.parameters()),
                 "checkpoint_tensors_matched": len(matched),
                 "checkpoint_tensors": len(weights),
@@ -251,7 +343,16 @@ def mem_available_gib() -> float | None:
     return None
 
 
-def bench_model(name: str, out: Path, data: Path, baseline_gib: float, keep: bool, force: bool) -> dict:
+def bench_model(
+    name: str,
+    out: Path,
+    data: Path,
+    baseline_gib: float,
+    keep: bool,
+    force: bool,
+    variant: str = "coprocessor",
+    ranks: int | None = None,
+) -> dict:
     from dist_cacheaug import load_config
     from dist_cacheaug.train.estimate import memory_estimate, param_counts
 
@@ -263,7 +364,31 @@ def bench_model(name: str, out: Path, data: Path, baseline_gib: float, keep: boo
     shards, tok = data / "shards", data / "tok"
     me = [sys.executable, str(Path(__file__).resolve())]
     cli = [sys.executable, "-m", "dist_cacheaug.cli"]
-    row: dict = {"model": name, "steps": {}}
+    ranks = ranks or ranks_of(name)
+    row: dict = {"model": name, "steps": {}, "ranks": ranks, "variant": variant}
+
+    sets = overrides(dec_dir, shards, tok, run_dir, ranks=ranks, variant=variant)
+    # the 2-layer architecture, before its directory exists (decoder_path would fall back to the YAML's)
+    cfg = load_config(yaml_path, sets)
+    two_layers = dataclasses.replace(cfg.model, decoder_path=None, decoder_config=hf_kwargs(name))
+    cfg = dataclasses.replace(cfg, model=two_layers)
+    counts = param_counts(cfg)
+    est = memory_estimate(cfg, world_size=ranks, bf16=False)
+    row.update(
+        decoder_params=counts.decoder,
+        coprocessor_params=counts.coprocessor,
+        embedding_params=counts.embedding,
+        estimate_gib={k: v / GiB for k, v in est.items()},
+    )
+    need = ranks * (row["estimate_gib"]["total"] + baseline_gib) + 0.5
+    avail = mem_available_gib()
+    if avail is not None and avail < need and not force:
+        print(
+            f"[{name}] SKIPPED: {ranks} rank(s) x (estimate {row['estimate_gib']['total']:.1f} + baseline "
+            f"{baseline_gib:.1f} GiB) = ~{need:.1f} GiB, {avail:.1f} GiB available (--force to run anyway)"
+        )
+        row["skipped"] = f"needs ~{need:.1f} GiB, {avail:.1f} GiB available"
+        return row
 
     r = run_measured([*me, "--_child", "save", name, str(dec_dir)], work / "save.log")
     row["steps"]["save"] = r
@@ -274,28 +399,12 @@ def bench_model(name: str, out: Path, data: Path, baseline_gib: float, keep: boo
         f"[{name}] saved random decoder to {dec_dir} in {r['wall_s']:.0f}s (peak {r['peak_rss_gib']:.2f} GiB)"
     )
 
-    sets = overrides(dec_dir, shards, tok, run_dir)
-    cfg = load_config(yaml_path, sets)
-    counts = param_counts(cfg)
-    est = memory_estimate(cfg, world_size=1, bf16=False)
-    row.update(
-        decoder_params=counts.decoder,
-        coprocessor_params=counts.coprocessor,
-        embedding_params=counts.embedding,
-        estimate_gib={k: v / GiB for k, v in est.items()},
-    )
-    need = row["estimate_gib"]["total"] + baseline_gib + 0.5
-    avail = mem_available_gib()
-    if avail is not None and avail < need and not force:
-        print(
-            f"[{name}] SKIPPED train: needs ~{need:.1f} GiB, {avail:.1f} GiB available (--force to run anyway)"
-        )
-        row["skipped"] = f"needs ~{need:.1f} GiB, {avail:.1f} GiB available"
-        return row
-
-    r = run_measured(
-        [*cli, "train", "--config", yaml_path, *[a for s in sets for a in ("--set", s)]], work / "train.log"
-    )
+    train_args = ["--config", yaml_path, *[a for s in sets for a in ("--set", s)]]
+    if ranks == 1:
+        train_cmd = [*cli, "train", *train_args]
+    else:
+        train_cmd = ["bash", str(ROOT / "launchers" / "local.sh"), str(ranks), *train_args[1:]]
+    r = run_measured(train_cmd, work / "train.log")
     row["steps"]["train"] = r
     metrics_path = run_dir / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
@@ -303,7 +412,7 @@ def bench_model(name: str, out: Path, data: Path, baseline_gib: float, keep: boo
     row["metrics_peak_gib"] = max((m["peak_mem_gib"] for m in steps), default=None)
     row["step_times"] = [m["step_time"] for m in steps]
     row["losses"] = [m.get("loss") for m in steps]
-    row["export_ok"] = (run_dir / "export" / "coprocessor").is_dir()
+    row["export_ok"] = (run_dir / "export" / "cacheaug_config.json").is_file()
     if r["rc"] or not row["export_ok"]:
         print(f"[{name}] train FAILED (rc {r['rc']}):\n{tail(r['log'])}")
         return row
@@ -422,8 +531,11 @@ def fmt_table(rows: list[dict], baseline: float) -> str:
         tr = st.get("train", {})
         nan = float("nan")
         fp = sampled_footprint(tr["log"]) if tr.get("log") else None
+        label = r["model"]
+        if r.get("ranks", 1) > 1 or r.get("variant", "coprocessor") != "coprocessor":
+            label += f" ({r.get('ranks', 1)} ranks, decoder sharded, {r.get('variant', 'coprocessor')})"
         cells = [
-            r["model"],
+            label,
             f"{r.get('decoder_params', 0) / 1e9:.3f}B",
             f"{r.get('coprocessor_params', 0) / 1e9:.3f}B",
             f"{tr.get('peak_rss_gib', nan):.2f}",
@@ -444,12 +556,14 @@ def fmt_table(rows: list[dict], baseline: float) -> str:
 def fmt_parts(rows: list[dict]) -> str:
     keys = [
         "frozen_decoder",
+        "decoder_gathered_layers",
         "coprocessor_params",
         "coprocessor_grads",
         "optimizer_state",
         "prefix_kv_cache",
         "activations",
         "loss_chunk",
+        "optimizer_step_transient",
         "total",
     ]
     lines = [
@@ -475,6 +589,18 @@ def main() -> None:
     p.add_argument("--out", default=None, help="work dir (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep decoder weights, checkpoints and exports")
     p.add_argument("--force", action="store_true", help="train even when MemAvailable looks too small")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="ranks for every model (2 or more: decoder sharded); default 1, big bases 2",
+    )
+    p.add_argument(
+        "--variant",
+        choices=["coprocessor", "pause"],
+        default="coprocessor",
+        help="what is trained (pause: soft tokens only, through the same frozen decoder)",
+    )
     args = p.parse_args()
     tmp = None
     if args.out is None:
@@ -503,13 +629,16 @@ def main() -> None:
         rows = json.loads(results.read_text())["rows"] if results.is_file() else []
         for name in args.models:
             rows = [r for r in rows if r["model"] != name]
-            rows.append(bench_model(name, out, data, baseline, args.keep, args.force))
+            rows.append(
+                bench_model(name, out, data, baseline, args.keep, args.force, args.variant, args.ranks)
+            )
             rows.sort(key=lambda r: list(MODELS).index(r["model"]))
             results.write_text(json.dumps({"baseline_gib": baseline, "rows": rows}, indent=1))
         print(
             f"\nreal widths, {NUM_LAYERS} layers; seq {SHAPE['seq_len']}, P={SHAPE['num_positions']}, "
-            f"N_L={SHAPE['num_latents']}, N_A={SHAPE['num_ahead']}, micro = global batch 1, ZeRO-3, fp32, 1 CPU rank, "
-            f"{os.cpu_count()} cores; estimate = memory_estimate(cfg, world_size=1, bf16=False)\n"
+            f"N_L={SHAPE['num_latents']}, N_A={SHAPE['num_ahead']}, micro batch 1 per rank, ZeRO-3, fp32, "
+            f"{os.cpu_count()} cores; ranks per row (2 or more: decoder sharded); estimate = "
+            "memory_estimate(cfg, world_size=ranks, bf16=False), per rank\n"
         )
         print(fmt_table(rows, baseline))
         print()

@@ -42,6 +42,7 @@ def cmd_config(args) -> int:
 
     from .train.estimate import (
         compute_seconds_per_micro,
+        decoder_comm,
         flops_per_sequence,
         memory_estimate,
         param_counts,
@@ -108,7 +109,8 @@ def cmd_config(args) -> int:
     hpz = f" + hpZ {z.hpz_partition_size}" if z.hpz_partition_size > 1 else ""
     print(
         f"\n# memory per GPU (estimate, {'bf16' if bf16 else 'fp32'}, ZeRO stage {z.stage}{hpz}, "
-        f"activation checkpointing {'on' if z.activation_checkpointing else 'off'})"
+        f"activation checkpointing {'on' if z.activation_checkpointing else 'off'}, frozen decoder "
+        f"{_decoder_layout_name(cfg, world)})"
     )
     for k, v in mem.items():
         print(f"  {k:24s} {v / 2**30:8.2f} GiB")
@@ -125,7 +127,7 @@ def cmd_config(args) -> int:
     print(
         f"compute per micro-step {compute:.3f} s = {flops['total']:.3e} FLOPs × {cfg.train.micro_batch_size} "
         f"sequence{'s' if cfg.train.micro_batch_size > 1 else ''} at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s "
-        "(--peak-tflops, --mfu; the frozen decoder replica moves nothing)"
+        f"(--peak-tflops, --mfu){'' if z.shard_decoder else '; the frozen decoder replica moves nothing'}"
     )
     worlds = [world] if world > 1 else []
     if not worlds:
@@ -160,21 +162,24 @@ def cmd_config(args) -> int:
             f"\nworld size {w} ({nodes} node{'s' if nodes > 1 else ''} of <= {gpn}), grad accumulation {acc}, "
             f"ZeRO stage {z.stage}{hpz}:"
         )
+        dec = decoder_comm(cfg, w, acc, bf16=bf16, gpus_per_node=gpn)
+        both = type(comm)(comm.collectives + dec.collectives)
         print(f"  {'collective':58s} {'GB each':>8s} {'/micro':>6s} {'/step':>6s}  link")
-        for c in comm.collectives:
+        for c in both.collectives:
             link = f"{'inter' if c.inter_node else 'intra'}-node, {c.group} ranks"
             print(f"  {c.what:58s} {c.nbytes / 1e9:8.2f} {c.per_micro:6d} {c.per_step:6d}  {link}")
         print(
-            f"  per micro-step: {comm.bytes_per_micro() / 1e9:.2f} GB, {comm.seconds_per_micro(intra, inter):.3f} s "
-            f"(compute {compute:.3f} s); per optimizer step: {comm.bytes_per_step() / 1e9:.2f} GB, "
-            f"{comm.seconds_per_step(intra, inter):.3f} s (compute {compute * acc:.3f} s)"
+            f"  per micro-step: {both.bytes_per_micro() / 1e9:.2f} GB, {both.seconds_per_micro(intra, inter):.3f} s "
+            f"(compute {compute:.3f} s); per optimizer step: {both.bytes_per_step() / 1e9:.2f} GB, "
+            f"{both.seconds_per_step(intra, inter):.3f} s (compute {compute * acc:.3f} s)"
         )
         layouts = [(3, 1), (2, 1)]
         if w > gpn and w % gpn == 0:
             layouts.insert(1, (3, gpn))
         if (z.stage, z.hpz_partition_size) not in layouts:
             layouts.insert(0, (z.stage, z.hpz_partition_size))
-        print(f"  layouts at world size {w} (memory per GPU vs bytes moved per GPU; * = this config):")
+        extra = " (+ the sharded decoder's gathers, the same in every row)" if dec.collectives else ""
+        print(f"  layouts at world size {w} (memory per GPU vs bytes moved per GPU{extra}; * = this config):")
         print(
             f"    {'layout':16s} {'memory GiB':>10s} {'GB/micro':>9s} {'GB/step':>8s} {'comm s/step':>11s} {'compute s/step':>14s}"
         )
@@ -187,15 +192,70 @@ def cmd_config(args) -> int:
             m = memory_estimate(layout_cfg(stage, h), w, bf16=bf16)["total"]
             name = f"stage {stage}" + (f" + hpZ {h}" if h > 1 else "")
             mark = "*" if (stage, h) == (z.stage, z.hpz_partition_size) else " "
+            alt = type(alt)(alt.collectives + dec.collectives)
             print(
                 f"  {mark} {name:16s} {m / 2**30:10.2f} {alt.bytes_per_micro() / 1e9:9.2f} "
                 f"{alt.bytes_per_step() / 1e9:8.2f} {alt.seconds_per_step(intra, inter):11.3f} {compute * acc:14.3f}"
             )
+        _print_decoder_layouts(
+            cfg, w, bf16=bf16, gpus_per_node=gpn, intra=intra, inter=inter, compute=compute
+        )
     print(
         "comm overlaps compute (overlap_comm, prefetch) where it can: it is exposed only beyond the compute "
         "time; see docs/zero_layouts.md"
     )
     return 0
+
+
+def _decoder_layout_name(cfg: RunConfig, world: int) -> str:
+    from .train.estimate import decoder_shard_group
+
+    g = decoder_shard_group(cfg, world)
+    return "replicated" if g <= 1 else f"sharded over {g} ranks"
+
+
+def _print_decoder_layouts(
+    cfg: RunConfig, w: int, *, bf16: bool, gpus_per_node: int, intra: float, inter: float, compute: float
+) -> None:
+    """The frozen decoder replicated vs sharded (``zero.shard_decoder``) at world size ``w``: memory
+    per GPU (the decoder's part and the whole estimate) and the bytes its gathers add."""
+    import dataclasses
+
+    from .train.estimate import decoder_comm, decoder_shard_group, memory_estimate, param_counts
+
+    counts = param_counts(cfg)
+    acc = cfg.grad_accum_steps(w)
+    here = decoder_shard_group(cfg, w)
+    layouts = [(False, 0)]
+    if w > gpus_per_node and w % gpus_per_node == 0:
+        layouts.append((True, gpus_per_node))
+    layouts.append((True, 0))
+    print(
+        f"  frozen decoder at world size {w}: {_fmt_count(counts.decoder_layers)} params in "
+        f"{counts.num_layers} layers (split when sharded), {_fmt_count(counts.decoder - counts.decoder_layers)} "
+        "in embeddings, norm and head (always whole); * = this config:"
+    )
+    print(
+        f"    {'layout':28s} {'decoder GiB':>11s} {'total GiB':>9s} {'GB/micro':>9s} {'GB/step':>8s} "
+        f"{'comm s/step':>11s} {'compute s/step':>14s}"
+    )
+    for shard, size in layouts:
+        lay = dataclasses.replace(
+            cfg, zero=dataclasses.replace(cfg.zero, shard_decoder=shard, decoder_shard_size=size)
+        )
+        g = decoder_shard_group(lay, w)
+        mem = memory_estimate(lay, w, bf16=bf16)
+        comm = decoder_comm(lay, w, acc, bf16=bf16, gpus_per_node=gpus_per_node)
+        if g <= 1:
+            name = "replicated"
+        else:
+            name = f"sharded over {g} ({'1 node' if g <= gpus_per_node else 'all ranks'})"
+        mark = "*" if g == here else " "
+        print(
+            f"  {mark} {name:28s} {(mem['frozen_decoder'] + mem['decoder_gathered_layers']) / 2**30:11.2f} "
+            f"{mem['total'] / 2**30:9.2f} {comm.bytes_per_micro() / 1e9:9.2f} {comm.bytes_per_step() / 1e9:8.2f} "
+            f"{comm.seconds_per_step(intra, inter):11.3f} {compute * acc:14.3f}"
+        )
 
 
 def cmd_fields(args) -> int:

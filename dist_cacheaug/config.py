@@ -174,7 +174,15 @@ class ZeroConfig:
     activation_checkpointing: bool = True
     #: Recompute coprocessor activations in backward (non-reentrant).
     shard_decoder: bool = False
-    #: Also partition the frozen decoder with ZeRO-3 inference, for bases too large to replicate.
+    #: Partition the frozen decoder's transformer layers across ranks (PyTorch FSDP2, no optimizer
+    #: state), for bases too large to replicate (Gemma-2 27B, Llama-3 70B). Each layer is all-gathered
+    #: when it runs: in the prefix pass, the trace pass and the backward through it (3 gathers per
+    #: micro-step). Embeddings, final norm and LM head stay replicated. Not for model.variant
+    #: single_model or base_lm (they train the decoder).
+    decoder_shard_size: int = 0
+    #: Ranks that each copy of the sharded decoder is split over; 0: all ranks. Set it to the GPUs per
+    #: node to keep the decoder's gathers on the intra-node links (the copy is then replicated across
+    #: nodes, HSDP). Must divide the world size; on fewer ranks than this, all ranks share one copy.
 
 
 @dataclass
@@ -205,7 +213,8 @@ class RunConfig:
     # ---- derived values -------------------------------------------------------------------------
     def grad_accum_steps(self, world_size: int) -> int:
         """global = micro × world × accumulation; raises ConfigError when not divisible (and for the
-        other world-size dependent checks: ``zero.hpz_partition_size`` must divide the world size)."""
+        other world-size dependent checks: ``zero.hpz_partition_size`` and ``zero.decoder_shard_size``
+        must divide the world size)."""
         micro, glob = self.train.micro_batch_size, self.train.global_batch_size
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -214,6 +223,12 @@ class RunConfig:
             raise ConfigError(
                 f"zero.hpz_partition_size={hpz} does not divide the world size {world_size}; set it to "
                 "the GPUs per node (a divisor of the world size) or 1 to turn hpZ off"
+            )
+        shard = self.zero.decoder_shard_size
+        if self.zero.shard_decoder and 1 < shard < world_size and world_size % shard:
+            raise ConfigError(
+                f"zero.decoder_shard_size={shard} does not divide the world size {world_size}; set it to "
+                "the GPUs per node (a divisor of the world size) or 0 to split the decoder over all ranks"
             )
         if glob % (micro * world_size):
             raise ConfigError(
@@ -520,6 +535,17 @@ def validate(cfg: RunConfig) -> None:
             f"zero.hpz_partition_size={cfg.zero.hpz_partition_size} (ZeRO++ hpZ) partitions parameters, "
             f"which only zero.stage=3 does (got stage {cfg.zero.stage}); set zero.stage=3 or "
             "zero.hpz_partition_size=1"
+        )
+    z = cfg.zero
+    if z.decoder_shard_size < 0 or z.decoder_shard_size == 1:
+        raise ConfigError(
+            f"zero.decoder_shard_size must be 0 (all ranks) or >= 2, got {z.decoder_shard_size}; "
+            "zero.shard_decoder=false replicates the decoder"
+        )
+    if z.shard_decoder and m.variant in ("single_model", "base_lm"):
+        raise ConfigError(
+            f"zero.shard_decoder=true partitions the frozen decoder, but model.variant={m.variant} trains "
+            "the decoder itself (it is inside the ZeRO engine already); set zero.shard_decoder=false"
         )
     bad = [k for k in cfg.logging.offsets if k < 1]
     if bad:

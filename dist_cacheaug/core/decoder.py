@@ -61,10 +61,18 @@ def decoder_hf_config(model_cfg: ModelConfig, *, require_weights: bool = False) 
 
 
 def build_decoder(
-    model_cfg: ModelConfig, *, device: torch.device | str = "cpu", seed: int = 0
+    model_cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    load_device: torch.device | str | None = None,
 ) -> torch.nn.Module:
     """The frozen decoder: loaded from ``decoder_path`` or randomly initialised (seeded) from
-    ``decoder_config``. Returned in eval mode with ``requires_grad=False`` on every parameter."""
+    ``decoder_config``. Returned in eval mode with ``requires_grad=False`` on every parameter.
+
+    ``device``: where it will run (picks the dtype and attention implementation). ``load_device``:
+    where its weights are put now (default ``device``): a decoder that will be partitioned across GPUs
+    is built in host memory, so that no GPU ever holds a full copy."""
     dtype = resolve_dtype(model_cfg.dtype, device)
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device)
     if model_cfg.decoder_path:
@@ -80,7 +88,7 @@ def build_decoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation=attn)
-    model.to(device)
+    model.to(device if load_device is None else load_device)
     return freeze(model)
 
 

@@ -81,10 +81,14 @@ def fingerprint(model: torch.nn.Module, cfg: RunConfig) -> dict:
 
 
 def decoder_digest(decoder: torch.nn.Module) -> str:
-    """sha256 over every named parameter and buffer of the decoder (name, dtype, shape, bytes)."""
+    """sha256 over every named parameter and buffer of the decoder (name, dtype, shape, bytes). A
+    sharded decoder (``zero.shard_decoder``) gives the digest of the whole one: each shard is gathered,
+    one parameter at a time, so every rank must call this (collective)."""
     h = hashlib.sha256()
     tensors = list(decoder.named_parameters()) + list(decoder.named_buffers())
     for name, t in sorted(tensors, key=lambda x: x[0]):
+        if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2)
+            t = t.full_tensor()
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

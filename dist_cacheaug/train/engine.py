@@ -1,11 +1,16 @@
-"""The one module that imports DeepSpeed.
+"""The one module that imports DeepSpeed, and the one that partitions models across ranks.
 
 It wraps the trainable part of a :class:`CacheAugmentedLM` (coprocessor + soft tokens; the frozen
 decoder is a plain attribute, so DeepSpeed never sees it) in a ZeRO engine built from the generated
 JSON (``config.deepspeed_config``), with our AdamW and our LR schedule (``LambdaLR`` from
 ``cfg.optim``) as client objects. The decoder must already exist when this runs: DeepSpeed's ZeRO-3
 conversion touches only the parameters of the module it is given, and no ``HfDeepSpeedConfig`` is
-ever created, so nothing partitions the decoder.
+ever created, so DeepSpeed never partitions the decoder.
+
+With ``zero.shard_decoder`` the frozen decoder's transformer layers are partitioned by PyTorch FSDP2
+instead (:func:`shard_decoder`): frozen parameters need all-gathers only, never a reduce-scatter or
+optimizer state, and FSDP2 re-gathers a layer in backward, which is how the gradient reaches the
+coprocessor through the frozen decoder. The model code (``core/``) calls the decoder as before.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..config import ConfigError, RunConfig, deepspeed_config
 from ..core.model import CacheAugmentedLM, TrainingLossOutput
@@ -53,12 +61,109 @@ def param_groups(model: CacheAugmentedLM, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass(frozen=True)
+class DecoderShards:
+    """How :func:`shard_decoder` laid out the frozen decoder on this rank."""
+
+    layers: int  # transformer layers, each an FSDP2 unit gathered when it runs
+    shard_size: int  # ranks one copy of the layers is split over
+    replicas: int  # copies (world size / shard_size; > 1 is HSDP: replicated across groups)
+    layer_params: int  # parameters in the layers, whole (what the shards add up to)
+    local_layer_params: int  # this rank's shard of them
+    replicated_params: int  # embeddings, final norm, LM head: full on every rank
+
+    def describe(self, element_size: int) -> str:
+        gib = 1024**3
+        where = "all ranks" if self.replicas == 1 else f"{self.shard_size} ranks, {self.replicas} copies"
+        return (
+            f"frozen decoder sharded (FSDP2): {self.layers} layers over {where}: "
+            f"{self.local_layer_params * element_size / gib:.2f} GiB of "
+            f"{self.layer_params * element_size / gib:.2f} GiB here, + "
+            f"{self.replicated_params * element_size / gib:.2f} GiB replicated (embeddings, norm, head)"
+        )
+
+
+def shard_decoder(
+    decoder: nn.Module, *, world_size: int, shard_size: int, device: torch.device
+) -> DecoderShards:
+    """Partition ``decoder``'s transformer layers (``decoder.base_model.layers``) over ranks with
+    PyTorch FSDP2 ``fully_shard``, in place. Collective; the process group must exist.
+
+    * Each layer is one unit: gathered when it runs and freed after (``reshard_after_forward``), in the
+      no-grad prefix pass, the trace pass and the backward through the trace pass (FSDP2 gathers it
+      again before the layer's backward, also when activation checkpointing recomputes it).
+    * Its parameters stay frozen: no gradient, so nothing is reduce-scattered, and no optimizer state.
+    * The base model is the FSDP2 root, holding no parameters of its own (``ignored_params``): the
+      embeddings, final norm and LM head stay whole on every rank, because the model code calls the
+      embedding outside the base model's forward and reads the head's weight directly (chunked CE).
+    * Layer i prefetches layer i+1 in forward and layer i-1 in backward. Layer 0 "prefetches" the root,
+      which has nothing to gather: a non-empty list turns off FSDP2's implicit backward prefetch, which
+      would follow the order recorded by the no-grad prefix pass and gather the last layer once more.
+    * ``shard_size`` ranks (consecutive: one node) hold one copy; with fewer than ``world_size`` the
+      copy is replicated across groups (a 2-D mesh, HSDP) and every gather stays inside the group.
+      0, or more than ``world_size``: one copy over all ranks.
+
+    Parameters outside the layers are moved to ``device`` here; FSDP2 moves each layer's parameters
+    to ``device`` as it shards them, so a decoder built in host memory never exists whole on a GPU."""
+    s = min(shard_size or world_size, world_size)
+    if world_size % s:
+        raise ValueError(f"decoder shard size {s} does not divide the world size {world_size}")
+    base = decoder.base_model
+    layers = list(base.layers)
+    in_layers = {id(p) for p in base.layers.parameters()}
+    outside = [p for p in decoder.parameters() if id(p) not in in_layers]
+    for parent in (decoder, base):
+        for child in parent.children():
+            if child is not base and child is not base.layers:
+                child.to(device)  # in place: a tied LM head keeps sharing the embedding
+    if s == world_size:
+        mesh = init_device_mesh(device.type, (world_size,))
+    else:
+        mesh = init_device_mesh(device.type, (world_size // s, s), mesh_dim_names=("replicate", "shard"))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(base, mesh=mesh, reshard_after_forward=True, ignored_params=set(outside))
+    for prev, nxt in zip(layers, layers[1:]):
+        prev.set_modules_to_forward_prefetch([nxt])
+        nxt.set_modules_to_backward_prefetch([prev])
+    if layers:
+        layers[0].set_modules_to_backward_prefetch([base])
+    local = sum(p.to_local().numel() for layer in layers for p in layer.parameters())
+    return DecoderShards(
+        layers=len(layers),
+        shard_size=s,
+        replicas=world_size // s,
+        layer_params=sum(p.numel() for layer in layers for p in layer.parameters()),
+        local_layer_params=local,
+        replicated_params=sum(p.numel() for p in outside),
+    )
+
+
+def is_sharded(decoder: nn.Module) -> bool:
+    """Whether :func:`shard_decoder` partitioned ``decoder``."""
+    return isinstance(decoder.base_model, FSDPModule)
+
+
+def _partition_now(model: nn.Module, ds_config: dict, device: torch.device) -> None:
+    """ZeRO-3-partition ``model``'s parameters before the engine is built, one parameter at a time
+    (``deepspeed.zero.Init(module=...)``): the engine would otherwise move the whole coprocessor to the
+    GPU first, which a 70B coprocessor does not fit. Buffers (rotary tables) are moved to ``device``
+    here, since the engine leaves the placement of a partitioned model alone. ``mem_efficient_linear``
+    is off: it would replace ``F.linear`` for every module, the frozen decoder's too."""
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, mem_efficient_linear=False)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+
 @dataclass
 class Engine:
     engine: deepspeed.DeepSpeedEngine
     optimizer: torch.optim.Optimizer  # the client optimizer (its param_groups carry the lr)
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ds_config: dict
+    decoder_shards: DecoderShards | None = None  # set when ``zero.shard_decoder`` partitioned it
 
     # ---- one micro-step ------------------------------------------------------------------------
     def forward(self, input_ids, positions, num_ahead) -> TrainingLossOutput:
@@ -166,12 +271,11 @@ def build_engine(
     """The ZeRO engine around ``model``'s trainable part. ``bf16``: None (default) means bf16 on GPU,
     fp32 on CPU; tests pass True to run DeepSpeed's bf16 path (fp32 gradient accumulation) on CPU.
     ``zero.stage`` 1-3 and ``zero.hpz_partition_size`` come from the generated JSON; the save/export
-    path is the same for every stage (:meth:`Engine.consolidated_fp32`, :func:`gathered`)."""
-    if cfg.zero.shard_decoder:
-        raise ConfigError(
-            "zero.shard_decoder=true (ZeRO-3 inference for the frozen decoder) is not "
-            "implemented yet; the decoder is replicated on every rank"
-        )
+    path is the same for every stage (:meth:`Engine.consolidated_fp32`, :func:`gathered`).
+
+    ``zero.shard_decoder``: ``model.decoder`` is partitioned first (:func:`shard_decoder`), and under
+    stage 3 the trainable part is partitioned before the engine moves it (:func:`_partition_now`); both
+    may then arrive in host memory (the trainer builds them there)."""
     bf16 = device.type == "cuda" if bf16 is None else bf16
     ds_config = deepspeed_config(cfg, world_size, bf16=bf16)
     groups = param_groups(model, cfg.optim.weight_decay)
@@ -187,9 +291,23 @@ def build_engine(
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
     )
+    shards = None
+    if cfg.zero.shard_decoder:
+        if model.baseline_decoder is not model.decoder:
+            raise ConfigError(
+                f"zero.shard_decoder: model.variant={cfg.model.variant} trains the decoder; set "
+                "zero.shard_decoder=false"
+            )
+        shards = shard_decoder(
+            model.decoder, world_size=world_size, shard_size=cfg.zero.decoder_shard_size, device=device
+        )
+        if cfg.zero.stage == 3:
+            _partition_now(model, ds_config, device)
     _tensor_outputs(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
-    return Engine(engine=engine, optimizer=optimizer, scheduler=scheduler, ds_config=ds_config)
+    return Engine(
+        engine=engine, optimizer=optimizer, scheduler=scheduler, ds_config=ds_config, decoder_shards=shards
+    )

@@ -25,6 +25,8 @@ class ParamCounts:
     coprocessor: int  # trainable: decoder base model minus its input embeddings, plus soft tokens
     embedding: int
     soft_tokens: int
+    decoder_layers: int = 0  # the decoder's transformer layers: what ``zero.shard_decoder`` splits
+    num_layers: int = 1
 
 
 def param_counts(cfg: RunConfig) -> ParamCounts:
@@ -34,17 +36,47 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
     decoder = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
     embedding = model.get_input_embeddings().weight.numel()
     base = sum(p.numel() for p in model.base_model.parameters())
+    layers = sum(p.numel() for p in model.base_model.layers.parameters())
     soft = cfg.model.num_latents * hf.hidden_size
+    # model.variant=pause has no coprocessor: its N_L soft tokens go to the decoder directly
+    trainable = soft if cfg.model.variant == "pause" else base - embedding + soft
     return ParamCounts(
-        decoder=decoder, coprocessor=base - embedding + soft, embedding=embedding, soft_tokens=soft
+        decoder=decoder,
+        coprocessor=trainable,
+        embedding=embedding,
+        soft_tokens=soft,
+        decoder_layers=layers,
+        num_layers=hf.num_hidden_layers,
     )
+
+
+def decoder_shard_group(cfg: RunConfig, world_size: int) -> int:
+    """Ranks one copy of the frozen decoder's layers is split over (1: replicated)."""
+    z = cfg.zero
+    return min(z.decoder_shard_size or world_size, world_size) if z.shard_decoder else 1
+
+
+def decoder_bytes(counts: ParamCounts, group: int, elt: int) -> dict[str, float]:
+    """Per-GPU bytes of the frozen decoder split over ``group`` ranks (1: replicated): its resident
+    part (the layers' shard + the replicated embeddings, norm and head) and, when split, the gathered
+    layers alive at once. FSDP2 holds the running layer whole, and the next one while it is gathered
+    and copied out of the all-gather buffer (explicit prefetch): 3 layers' worth at the peak."""
+    if group <= 1:
+        return {"frozen_decoder": counts.decoder * elt, "decoder_gathered_layers": 0.0}
+    rest = counts.decoder - counts.decoder_layers
+    per_layer = counts.decoder_layers / counts.num_layers
+    return {
+        "frozen_decoder": rest * elt + counts.decoder_layers * elt / group,
+        "decoder_gathered_layers": 3 * per_layer * elt,
+    }
 
 
 def trace_token_counts(cfg: RunConfig) -> tuple[int, int]:
     """(coprocessor tokens, decoder trace tokens) appended per sequence by the extended passes."""
     m = cfg.model
     per_trace = m.num_latents + m.num_ahead - (1 if m.convention == "insert" else 0)
-    return m.num_positions * m.num_latents, m.num_positions * per_trace
+    coprocessor = 0 if m.variant == "pause" else m.num_positions * m.num_latents
+    return coprocessor, m.num_positions * per_trace
 
 
 def flops_per_sequence(cfg: RunConfig) -> dict[str, float]:
@@ -66,7 +98,7 @@ def flops_per_sequence(cfg: RunConfig) -> dict[str, float]:
     layers = hf.num_hidden_layers
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    w_layer = (counts.coprocessor - counts.soft_tokens) / layers  # non-embedding weights per layer (approx.)
+    w_layer = counts.decoder_layers / layers  # weights per transformer layer
     attn_per_key = 4 * heads * head_dim  # FLOPs per (query, key) pair per layer
     vocab_head = 2 * hf.hidden_size * hf.vocab_size  # FLOPs per predicted token
     cop_tokens, trace_tokens = trace_token_counts(cfg)
@@ -93,7 +125,10 @@ def flops_per_sequence(cfg: RunConfig) -> dict[str, float]:
 def memory_estimate(cfg: RunConfig, world_size: int, *, bf16: bool = True) -> dict[str, float]:
     """Per-GPU bytes, by part (a planning estimate):
 
-    * frozen decoder replica: params × 2 (bf16) or × 4, divided by world size with ``zero.shard_decoder``
+    * frozen decoder: params × 2 (bf16) or × 4 on every rank; with ``zero.shard_decoder`` its layers
+      are divided by the shard group (``zero.decoder_shard_size`` or the world size), the embeddings,
+      final norm and LM head stay whole, and up to 3 gathered layers are alive at once
+      (:func:`decoder_bytes`)
     * coprocessor under ZeRO stage s: bf16 params (2 B, /world at s=3; with hpZ at s=3 also a secondary
       bf16 copy split over ``zero.hpz_partition_size`` ranks), gradients accumulated in fp32 (4 B,
       /world at s>=2; at s=1 under bf16 DeepSpeed's BF16_Optimizer also keeps the bf16 grads, +2 B),
@@ -113,7 +148,7 @@ def memory_estimate(cfg: RunConfig, world_size: int, *, bf16: bool = True) -> di
     z = cfg.zero
     elt = 2 if bf16 else 4
     w = world_size
-    decoder = counts.decoder * elt / (w if z.shard_decoder else 1)
+    decoder = decoder_bytes(counts, decoder_shard_group(cfg, w), elt)
     cop = counts.coprocessor
     params = 0 if z.offload_params else cop * elt / (w if z.stage == 3 else 1)
     if z.stage == 3 and z.hpz_partition_size > 1 and not z.offload_params:
@@ -138,7 +173,7 @@ def memory_estimate(cfg: RunConfig, world_size: int, *, bf16: bool = True) -> di
         * 3
     )
     parts = {
-        "frozen_decoder": decoder,
+        **decoder,
         "coprocessor_params": params,
         "coprocessor_grads": grads,
         "optimizer_state": optim,
@@ -269,6 +304,30 @@ def zero_comm(
     else:
         out.append(Collective("all-reduce grads", 2 * ring * params * b16, w, inter, 0, 1))
     return CommEstimate(out)
+
+
+def decoder_comm(
+    cfg: RunConfig, world_size: int, accum: int, *, bf16: bool = True, gpus_per_node: int = 8
+) -> CommEstimate:
+    """Bytes each GPU sends for the frozen decoder (pure arithmetic). Replicated: nothing. Sharded over
+    a group of g ranks (``zero.decoder_shard_size``, default all): each layer is all-gathered (ring:
+    (g-1)/g of its 16-bit bytes per GPU) once in the prefix pass, once in the trace pass and once
+    more for the backward through the trace pass (activation checkpointing's recompute shares that
+    gather), every micro-step. Frozen parameters have no gradient: no reduce-scatter, nothing at the
+    optimizer step. Validation passes add one gather of every layer per forward (not counted here).
+    The embeddings, norm and LM head are replicated and move nothing."""
+    g = decoder_shard_group(cfg, world_size)
+    if g <= 1:
+        return CommEstimate([])
+    layers = param_counts(cfg).decoder_layers * (2 if bf16 else 4)
+    nbytes = (g - 1) / g * layers
+    inter = g > gpus_per_node
+    return CommEstimate(
+        [
+            Collective(f"all-gather decoder layers ({what})", nbytes, g, inter, 1, accum)
+            for what in ("prefix pass", "trace pass", "backward")
+        ]
+    )
 
 
 def compute_seconds_per_micro(cfg: RunConfig, *, peak_flops: float, mfu: float) -> float:

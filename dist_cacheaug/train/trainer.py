@@ -285,7 +285,9 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Ru
 
     # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it
     #    (``model.variant``: the coprocessor, or a baseline/ablation from ``variants/``).
-    decoder = build_decoder(cfg.model, device=device, seed=cfg.train.seed)
+    #    A decoder to be sharded is built in host memory: no GPU holds it whole (engine.shard_decoder).
+    load_device = "cpu" if cfg.zero.shard_decoder else None
+    decoder = build_decoder(cfg.model, device=device, seed=cfg.train.seed, load_device=load_device)
     model = build_trainable(cfg, decoder)
     if cfg.zero.activation_checkpointing:
         model.enable_activation_checkpointing()
@@ -332,6 +334,8 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Ru
         anchor_id=anchor_id,
         hooks=TestHooks.from_env(run_dir, rank),
     )
+    if run.eng.decoder_shards is not None and env.is_main:
+        run.log.message(run.eng.decoder_shards.describe(next(decoder.parameters()).element_size()))
     if loaded is not None:
         _restore(run, loaded)
     elif env.is_main:

@@ -125,7 +125,7 @@ def readme_commands(text: str) -> list[Command]:
             pending = []
             i = end + 1
             continue
-        m = MARKER.search(stripped)
+        m = MARKER.fullmatch(stripped)  # a marker is a line of its own
         if m:
             pending.append(m.group(1))
         elif stripped and not stripped.startswith("<!--"):

@@ -556,6 +556,21 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
     """{name: {seed: eval dict}} plus the frozen base's numbers under "baseline"."""
     import torch
 
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    device = "cuda" if _cuda() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":  # these models are too small to gain from threads; beside other work they lose
+        torch.set_num_threads(1)
+    try:
+        return _evaluate_all(budget, layout, problems, device)
+    finally:
+        torch.set_num_threads(threads)
+        durations.add("eval_s", time.perf_counter() - t0, cpu_seconds() - c0)
+
+
+def _evaluate_all(budget: Budget, layout: Layout, problems: list[dict], device: str) -> dict:
+    import torch
+
     from data_tools.tokenizer import load_tokenizer
 
     from ..data import build_eval_loader
@@ -563,8 +578,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
     from ..evaluation.loss_at_k import evaluate_insertion
     from .answers import evaluate_answers
 
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    device = "cuda" if _cuda() else "cpu"
     tok = load_tokenizer(str(layout.tokenizer))
     e = budget.eval
     out: dict = {}
@@ -610,7 +623,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
             path.with_suffix(".tmp").write_text(json.dumps(r))
             path.with_suffix(".tmp").replace(path)
             out.setdefault(name, {})[seed] = r
-    durations.add("eval_s", time.perf_counter() - t0, cpu_seconds() - c0)
     return out
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from .config import ConfigError, RunConfig, deepspeed_config, field_docs, load_config
 
@@ -322,36 +323,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _run_inference_cmd(handler, args) -> int:
-    """Evaluation/generation handlers: bad checkpoints, data or input exit with code 2 and one line."""
-    from data_tools.errors import DataError
-
-    from .evaluation.inference import InferenceError
-
-    try:
-        return handler(args)
-    except (InferenceError, DataError) as e:
-        print(f"cacheaug {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
 # Handlers import their module when called, so `cacheaug --help` and `cacheaug config` stay quick.
 def cmd_eval(args) -> int:
     from .evaluation.loss_at_k import run_eval_cli
 
-    return _run_inference_cmd(run_eval_cli, args)
+    return run_eval_cli(args)
 
 
 def cmd_generate(args) -> int:
     from .evaluation.inference import run_generate_cli
 
-    return _run_inference_cmd(run_generate_cli, args)
+    return run_generate_cli(args)
 
 
 def cmd_downstream(args) -> int:
     from .evaluation.downstream import run_downstream_cli
 
-    return _run_inference_cmd(run_downstream_cli, args)
+    return run_downstream_cli(args)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -628,22 +616,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+# Errors a user can fix: a bad config, data, tokenizer, checkpoint, prompt or launch environment. They print
+# one line, `error: <what, naming the file or field, and what to do>`, and exit 2; anything else is a bug
+# and keeps its traceback (as do these with --debug). Named by module so that checking imports nothing: a
+# module that was never imported raised nothing.
+USER_ERRORS = (
+    ("dist_cacheaug.config", "ConfigError"),
+    ("data_tools.errors", "DataError"),
+    ("dist_cacheaug.distributed", "LaunchError"),
+    ("dist_cacheaug.evaluation.inference", "InferenceError"),
+    ("dist_cacheaug.train.checkpoint", "CheckpointError"),
+    ("dist_cacheaug.train.trainer", "TrainingAborted"),
+    ("dist_cacheaug.demo.pipeline", "StageFailed"),
+)
+#: Seconds a rank other than 0 waits before reporting its error: the launcher (deepspeed, torchrun) stops
+#: every rank as soon as one exits, so when rank 0 has the same error, only rank 0's line is printed.
+OTHER_RANK_DELAY_S = 10.0
+
+
+def is_user_error(e: BaseException) -> bool:
+    classes = tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules)
+    return isinstance(e, classes)
+
+
+def _launch_rank(environ=os.environ) -> int:
+    """This process's rank as the launcher set it (distributed.resolve's order), 0 when unreadable."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key == "SLURM_PROCID" and "SLURM_STEP_NUM_TASKS" not in environ:
+            continue
+        if str(environ.get(key, "")).isdigit():
+            return int(environ[key])
+    return 0
+
+
+def report_user_error(e: BaseException, environ=os.environ) -> None:
+    """``error: ...`` on stderr, once: from rank 0, or from another rank only if it outlives rank 0's exit
+    (the error was its own)."""
+    rank = _launch_rank(environ)
+    if rank != 0:
+        time.sleep(OTHER_RANK_DELAY_S)
+        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return
+    print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries(environ=os.environ, stderr=sys.stderr) -> None:
+    """Set before any library is imported, so the subprocesses a command starts inherit it (a user's own
+    setting wins): no weight-loading/-writing progress bars from transformers (milliseconds for these
+    models, and frames in every log file), none of its advisory notices, and no tqdm bars at all when
+    stderr is not a terminal; a terminal keeps the bars of long evaluations."""
+    environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not stderr.isatty():
+        environ.setdefault("TQDM_DISABLE", "1")
+    if environ is os.environ and "transformers" in sys.modules:  # imported already (dist_cacheaug's API):
+        from transformers.utils import logging as hf_logging  # its settings were read at import time
+
+        if environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            hf_logging.disable_progress_bar()
+        if environ["TRANSFORMERS_VERBOSITY"] == "error":
+            hf_logging.set_verbosity_error()
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # its own parser (argparse's REMAINDER drops leading options such as --help)
         from .demo.pipeline import main as demo_main
 
-        try:
-            return demo_main(argv[1:])
-        except ConfigError as e:
-            print(f"cacheaug demo: {e}", file=sys.stderr)
-            return 2
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("CACHEAUG_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["CACHEAUG_DEBUG"] = "1"  # the demo's subprocesses inherit it
+    quiet_libraries()
     try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"cacheaug: config error: {e}", file=sys.stderr)
+        return _dispatch(argv)
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise
+        report_user_error(e)
         return 2
 
 

@@ -27,6 +27,11 @@ import torch
 import torch.distributed as dist
 
 
+class LaunchError(RuntimeError):
+    """The launch environment is unusable (a rank variable missing or not a number, no CUDA where
+    ``DS_ACCELERATOR=cuda``); the message names the variable. The CLI exits 2 on it."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -52,12 +57,16 @@ def _int(env, key: str, default: int | None = None) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
         if default is None:
-            raise RuntimeError(f"environment variable {key} is not set")
+            raise LaunchError(
+                f"environment variable {key} is not set; the launcher sets it (unset RANK to run one process)"
+            )
         return default
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {key}={raw!r} is not an integer") from None
+        raise LaunchError(
+            f"environment variable {key}={raw!r} is not an integer; set it to one or unset it (the launchers set it)"
+        ) from None
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -135,7 +144,9 @@ def device_for(env: DistEnv, environ: dict | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     if accelerator == "cuda":
-        raise RuntimeError("DS_ACCELERATOR=cuda but torch sees no CUDA device (set DS_ACCELERATOR=cpu)")
+        raise LaunchError(
+            "DS_ACCELERATOR=cuda but torch sees no CUDA device; set DS_ACCELERATOR=cpu to train on the CPU"
+        )
     return torch.device("cpu")
 
 

@@ -10,12 +10,20 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    echo "usage: $0 NPROC CONFIG [--set key=value ...]" >&2
+    echo "error: $0 needs the number of ranks and a config: $0 NPROC CONFIG [--set key=value ...]" >&2
     exit 2
 fi
 NPROC=$1
 CONFIG=$2
 shift 2
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $0: NPROC must be a number of ranks >= 1, got '$NPROC'" >&2
+    exit 2
+fi
+if [[ ! -f "$CONFIG" ]]; then
+    echo "error: $0: config file not found: $CONFIG (see configs/)" >&2
+    exit 2
+fi
 
 if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
@@ -24,6 +32,10 @@ if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
 fi
 PORT=${MASTER_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
+# The launcher's own INFO lines (hostfile, world info, spawned commands) only with --debug / CACHEAUG_DEBUG=1.
+LOG_LEVEL=error
+if [[ "${CACHEAUG_DEBUG:-}" == 1 || " $* " == *" --debug "* ]]; then LOG_LEVEL=info; fi
+
 # --no_local_rank: ranks read LOCAL_RANK from the environment (the flag would land before `train`).
-exec deepspeed --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank \
+exec deepspeed --log_level "$LOG_LEVEL" --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank \
     --module dist_cacheaug.cli train --config "$CONFIG" "$@"

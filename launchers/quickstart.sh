@@ -4,7 +4,8 @@
 #   -> coprocessors (N_L = 4, 16), pause tokens, base-extra-steps control -> Table-1 loss at k, held-out answers
 #   -> RUN_DIR/report.md (+ results.json, PNGs, TensorBoard)            (dist_cacheaug/demo/pipeline.py)
 # Usage: bash launchers/quickstart.sh [--quick | --full | --budget NAME|FILE] [RUN_DIR] [--publish DIR]
-#   --quick (default) about 10 min on 2 CPU cores; --full about an hour (docs/results.md comes from it).
+#   --quick (default) about 6.5 min on 2 idle CPU cores (+ 1-2 min of set-up on first use); --full about 50 min
+#   (docs/results.md comes from it). Errors a user can fix print one line `error: ...`; --debug adds tracebacks.
 #   Running it again resumes: finished stages are skipped, a training run resumes from its checkpoint.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +19,7 @@ while [ $# -gt 0 ]; do
     --budget) [ $# -gt 1 ] || { echo "error: launchers/quickstart.sh --budget needs a value: quick, full, micro or a budget .yaml file" >&2; exit 2; }
               BUDGET="$2"; shift ;;
     --budget=*) BUDGET="${1#--budget=}" ;;
+    --debug) ARGS+=(--debug) ;;  # a flag: the word after it is not its value
     --*=*) ARGS+=("$1") ;;
     --*) ARGS+=("$1") ; if [ $# -gt 1 ] && [[ "$2" != --* ]]; then ARGS+=("$2"); shift; fi ;;
     *) ARGS+=(--run-dir "$1") ;;

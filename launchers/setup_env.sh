@@ -36,9 +36,14 @@ if ! "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest,
    || [ "$ROOT/constraints.txt" -nt "$VENV/.cacheaug-installed" ] \
    || [ "$(cat "$VENV/.cacheaug-installed" 2>/dev/null)" != "$DEPS" ]; then
   echo "[setup] installing dist_cacheaug (editable) and its dependencies ($DEPS versions)"
-  "$VPY" -m pip install -q -e "$ROOT[dev]" "${PINS[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest, pyarrow, zstandard" \
-    || { echo "[setup] install failed: see pip's output above" >&2; exit 1; }
+  # PYTHONWARNINGS: no notice walls from the build backend (setuptools' editable-install notes); errors still show.
+  PYTHONWARNINGS=ignore "$VPY" -m pip install -q -e "$ROOT[dev]" "${PINS[@]}" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  if ! check=$(DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest, pyarrow, zstandard" 2>&1); then
+    echo "$check" >&2
+    echo "[setup] install failed: see pip's output above" >&2
+    exit 1
+  fi
   echo "$DEPS" >"$VENV/.cacheaug-installed"
 fi
 # DeepSpeed JIT-builds a CPU op on first use: it needs a C++ compiler (ninja comes from the dev extra).

@@ -101,6 +101,8 @@ def test_config_error(tmp_path):
     assert f"config file not found: {tmp_path / 'nope.yaml'}" in line
     line = _one_error_line(_cacheaug("config", "configs/tiny_cpu.yaml", "--set", "optim.lrr=1"))
     assert "optim.lrr" in line and "optim.lr" in line.replace("optim.lrr", "")
+    line = _one_error_line(_cacheaug("demo", "--budget", "nope", "--run-dir", str(tmp_path / "demo")))
+    assert "demo budget 'nope' not found (known: " in line and "full" in line and "quick" in line
 
 
 def test_data_error_names_the_field_and_the_command(tmp_path):

@@ -264,7 +264,9 @@ def test_durations_keep_wall_and_cpu_time_and_read_old_files(tmp_path):
 
 # ---- budgets and configs -------------------------------------------------------------------------
 def test_budgets_and_demo_configs_load(tmp_path):
-    for name in ("quick", "full", "micro"):
+    names = sorted(p.stem for p in (ROOT / "configs/demo/budgets").glob("*.yaml"))
+    assert {"quick", "full", "micro", "full_plays"} <= set(names)
+    for name in names:  # every shipped budget loads and passes its checks
         b = load_budget(name)
         assert b.name == name and b.seeds and b.base.steps > 0 and b.runs.steps > 0
     assert len(load_budget("full").seeds) >= 2

@@ -516,7 +516,11 @@ def _add_eval_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cacheaug", description="Differentiable cache augmentation at scale."
+        prog="cacheaug",
+        description="Differentiable cache augmentation at scale.",
+        epilog="Errors a user can fix (config, data, tokenizer, checkpoint, prompt, launch environment) print "
+        "one line, 'error: ...', and exit 2. --debug anywhere on the command line (or CACHEAUG_DEBUG=1) "
+        "shows their tracebacks.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -660,7 +664,7 @@ def report_user_error(e: BaseException, environ=os.environ) -> None:
     print(f"error: {e}", file=sys.stderr, flush=True)
 
 
-def quiet_libraries(environ=os.environ, stderr=sys.stderr) -> None:
+def quiet_libraries(environ=os.environ, stderr=None) -> None:
     """Set before any library is imported, so the subprocesses a command starts inherit it (a user's own
     setting wins): no weight-loading/-writing progress bars from transformers (milliseconds for these
     models, and frames in every log file), none of its advisory notices, and no tqdm bars at all when
@@ -668,7 +672,7 @@ def quiet_libraries(environ=os.environ, stderr=sys.stderr) -> None:
     environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not stderr.isatty():
+    if not (stderr or sys.stderr).isatty():
         environ.setdefault("TQDM_DISABLE", "1")
     if environ is os.environ and "transformers" in sys.modules:  # imported already (dist_cacheaug's API):
         from transformers.utils import logging as hf_logging  # its settings were read at import time

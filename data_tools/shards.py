@@ -45,7 +45,9 @@ DTYPES = {"uint16": "u16", "uint32": "u32"}
 def progress_bar(total=None, desc="", unit="it", enabled=True, **kw):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False, **kw)
+    # disable=None: a bar only on a terminal, never frames in a log file (an explicit False would force it)
+    disable = None if enabled else True
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False, **kw)
 
 
 def sample_field(dtype: str) -> str:

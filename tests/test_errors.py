@@ -184,3 +184,25 @@ def test_deepspeed_launcher_prints_the_error_once(shards, tmp_path):
 def test_launcher_scripts_refuse_bad_arguments(args, want):
     proc = subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert want in _one_error_line(proc)
+
+
+# ---- quiet by default ----------------------------------------------------------------------------
+def test_training_prints_one_line_per_logged_step_and_nothing_else(shards, tmp_path):
+    """What a user sees from a run: the run's own lines and one line per logged step; no DeepSpeed
+    build notice, warnings, or progress-bar frames."""
+    proc = run_train(1, tiny_run_config(tmp_path, shards), "train.max_steps=3")
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert [s.split(" |")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"], lines
+    others = [ln for ln in lines if not ln.startswith(("step ", "[cacheaug] "))]
+    assert others == [], others
+    assert "\r" not in proc.stdout + proc.stderr
+
+
+def test_without_lines_drops_only_the_named_notices(capsys):
+    from dist_cacheaug.train.engine import without_lines
+
+    with without_lines(("built successfully",)):
+        print("DeepSpeed op built successfully")
+        print("kept")
+    assert capsys.readouterr().out == "kept\n"

@@ -76,7 +76,8 @@ def run_batched(
     bar = tqdm(
         total=sum(map(len, mine)),
         desc=desc if world == 1 else f"{desc} (rank {rank} of {world})",
-        disable=not progress or rank != 0,
+        # None: tqdm shows the bar only on a terminal (an explicit False would write frames into log files)
+        disable=None if progress and rank == 0 else True,
         file=sys.stderr,
     )
     local = []

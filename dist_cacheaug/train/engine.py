@@ -15,8 +15,10 @@ coprocessor through the frozen decoder. The model code (``core/``) calls the dec
 
 from __future__ import annotations
 
+import io
 import math
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 
 import deepspeed
@@ -30,6 +32,22 @@ from ..config import ConfigError, RunConfig, deepspeed_config
 from ..core.model import CacheAugmentedLM, TrainingLossOutput
 
 DS_TAG = "deepspeed"  # subdirectory of a checkpoint holding DeepSpeed's own files
+#: What DeepSpeed prints on every start that says nothing to a user (one line per rank per run:
+#: "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" on CPU, even when cached).
+NOTICES = ("built successfully",)
+
+
+@contextmanager
+def without_lines(dropped: tuple[str, ...]):
+    """Runs the block with Python's stdout captured, then prints every captured line except those
+    containing one of ``dropped`` (anything else a library says is kept, in order)."""
+    buf = io.StringIO()
+    try:
+        with redirect_stdout(buf):
+            yield
+    finally:
+        kept = [ln for ln in buf.getvalue().splitlines(keepends=True) if not any(d in ln for d in dropped)]
+        sys.stdout.write("".join(kept))
 
 
 def lr_multiplier(cfg: RunConfig):
@@ -288,9 +306,10 @@ def build_engine(
         optimizer = torch.optim.AdamW(
             groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=device.type == "cuda"
         )
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
-    )
+    with without_lines(NOTICES):
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+        )
     shards = None
     if cfg.zero.shard_decoder:
         if model.baseline_decoder is not model.decoder:

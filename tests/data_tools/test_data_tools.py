@@ -310,3 +310,18 @@ def test_decode_maps_ids_past_the_tokenizer_to_unk(tmp_path):
     ids = tok.encode("line 7")
     assert tok.decode(ids) == "line 7"
     assert tok.decode([*ids, tok.vocab_size + 5]) == tok.decode([*ids, tok.unk_id])
+
+
+def test_progress_bar_writes_nothing_into_a_log_file(monkeypatch):
+    """make-shards' bars stay on a terminal: with stderr redirected to a file, no tqdm frames."""
+    import io
+
+    from data_tools import shards
+
+    log = io.StringIO()  # isatty() is False, like a log file
+    monkeypatch.setattr(shards.sys, "stderr", log)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    bar = shards.progress_bar(total=3, desc="shards", enabled=True)
+    bar.update(3)
+    bar.close()
+    assert log.getvalue() == ""

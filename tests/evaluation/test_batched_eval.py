@@ -142,6 +142,37 @@ def test_run_batched_sorts_longest_first_and_returns_the_callers_order():
     assert batching.check_batch_size("16") == 16
 
 
+class _Stream:
+    """A stand-in stderr: a log file, or (``tty=True``) a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log-file", "terminal"])
+def test_progress_bar_only_on_a_terminal(tty, monkeypatch):
+    """``progress=True`` (the CLI's default) must not write tqdm frames into a log file: an explicit
+    ``disable=False`` would force them even past TQDM_DISABLE."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    err = _Stream(tty)
+    monkeypatch.setattr(batching.sys, "stderr", err)
+    out = batching.run_batched(
+        lambda b: [len(r) for r in b], [[1], [1, 2]], [0, 0], 1, progress=True, desc="x"
+    )
+    assert out == [1, 2]
+    assert ("2/2" in err.text) == tty, err.text
+
+
 # ---- the evaluators at batch B = batch 1 --------------------------------------------------------------
 @pytest.mark.parametrize("augment", [True, False], ids=["augment", "no-augment"])
 def test_evaluators_at_batch_size_4_equal_batch_size_1(augment):

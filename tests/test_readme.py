@@ -243,6 +243,8 @@ def test_every_readme_command_is_run_or_skipped_for_a_stated_reason():
 NOT_TRAINED = {
     "configs/gemma2_2b_paper.yaml": "needs Gemma-2 2B's weights (model.decoder_path) and GPUs",
     "configs/gemma2_9b_paper.yaml": "needs Gemma-2 9B's weights (model.decoder_path) and GPUs",
+    "configs/gemma2_27b_shard.yaml": "needs Gemma-2 27B's weights and GPUs; bench/real_widths.py runs its shape",
+    "configs/llama3_70b_shard.yaml": "needs Llama-3 70B's weights and GPUs; bench/real_widths.py runs its shape",
     "configs/demo/base.yaml": "the main job's own; tests/demo runs it end to end",
     "configs/demo/coprocessor.yaml": "the main job's own; tests/demo runs it end to end",
 }

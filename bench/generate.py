@@ -14,13 +14,11 @@ import json
 import platform
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM
-from dist_cacheaug.core.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.core.generation import generate
 from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
-from dist_cacheaug.train.benchmark import timed
+from dist_cacheaug.train.benchmark import random_answering_decoder, timed
 
 
 def timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -37,13 +35,8 @@ def timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str
 
 
 def run_preset(name: str, args, device: torch.device) -> list[dict]:
-    hf = hf_config_from_dict(dict(PRESETS[name], max_position_embeddings=8192))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    decoder = freeze(
-        AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="eager").to(device)
-    )
-    decoder.generation_config.eos_token_id = None  # fixed answer lengths: random weights may emit EOS
+    decoder = random_answering_decoder(name, device)
+    hf = decoder.config
     params = sum(p.numel() for p in decoder.parameters())
     ids = torch.randint(3, hf.vocab_size, (args.batch, args.prompt_len), device=device)
     a = args.answer_len

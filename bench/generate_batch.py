@@ -21,12 +21,11 @@ import platform
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dist_cacheaug import CacheAugmentedLM
-from dist_cacheaug.core.decoder import freeze, hf_config_from_dict
 from dist_cacheaug.evaluation.batching import generate_batch
 from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
+from dist_cacheaug.train.benchmark import random_answering_decoder
 
 
 def answer_all(model, prompts: list[list[int]], batch: int, new_tokens: int, augment: bool) -> None:
@@ -54,13 +53,8 @@ def measure(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[fl
 
 
 def run_preset(name: str, args, device: torch.device) -> list[dict]:
-    hf = hf_config_from_dict(dict(PRESETS[name], max_position_embeddings=8192))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    decoder = freeze(
-        AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="eager").to(device)
-    )
-    decoder.generation_config.eos_token_id = None  # fixed answer lengths: random weights may emit EOS
+    decoder = random_answering_decoder(name, device)
+    hf = decoder.config
     params = sum(p.numel() for p in decoder.parameters())
     model = CacheAugmentedLM.from_decoder(decoder, num_latents=args.latents, seed=0).eval()
     g = torch.Generator().manual_seed(1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..config import RunConfig
-from ..core.decoder import build_decoder
+from ..core.decoder import build_decoder, freeze, hf_config_from_dict
 from ..core.hf_compat import cache_arg
 from ..core.losses import chunked_cross_entropy, lm_head_of
 from ..core.model import CacheAugmentedLM, sample_positions
@@ -59,6 +59,23 @@ MODEL_PRESETS = {
         sliding_window=4096,
     ),
 }
+
+
+def random_answering_decoder(preset: str, device: torch.device):
+    """A frozen decoder of ``MODEL_PRESETS[preset]``'s shape with random weights, for the answering
+    benchmarks (bench/generate.py, bench/generate_batch.py): latency does not depend on the weights.
+    bf16 on a GPU, fp32 on the CPU; EOS off so every answer has the requested length (random weights
+    may emit it)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = hf_config_from_dict(dict(MODEL_PRESETS[preset], max_position_embeddings=8192))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    decoder = freeze(
+        AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="eager").to(device)
+    )
+    decoder.generation_config.eos_token_id = None
+    return decoder
 
 
 def _max_rss_mib() -> float:

@@ -235,6 +235,41 @@ class RowStops:
         return [row[:e] if e is not None else row for row, e in zip(generated.tolist(), self.end)]
 
 
+def rolling_windows(ids: Sequence[int], max_length: int) -> list[tuple[list[int], int]]:
+    """A document's rolling log-likelihood windows, as (window ids, scored): ``ids[1:]`` is predicted
+    window by window, each target from up to ``max_length`` tokens before it; the last ``scored`` tokens
+    of each window are its targets. ``ids[0]`` (the BOS or EOS standing in for an empty context) is
+    never a target."""
+    out, start = [], 1
+    while start < len(ids):
+        end = min(len(ids), start + max_length - 1)
+        lo = max(0, end - max_length)
+        out.append((list(ids[lo:end]), end - start))
+        start = end
+    return out
+
+
+@torch.no_grad()
+def score_windows(decoder, windows: Sequence[tuple[list[int], int]], pad_id: int = 0) -> list[float]:
+    """Sum of log-probs of each window's last ``scored`` tokens, the windows read together by the plain
+    decoder (no latents). Right-padded: every row's tokens keep positions 0..len-1, as alone, and no
+    real token attends to a pad, so each sum equals its window alone to float rounding."""
+    device = next(decoder.parameters()).device
+    width = max(len(w) for w, _ in windows)
+    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.long)
+    for r, (w, _) in enumerate(windows):
+        ids[r, : len(w)] = torch.tensor(w)
+        mask[r, : len(w)] = 1
+    logits = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    sums = []
+    for r, (w, scored) in enumerate(windows):
+        logp = F.log_softmax(logits[r, len(w) - scored - 1 : len(w) - 1].float(), -1)
+        tgt = torch.tensor(w[len(w) - scored :], device=logp.device)
+        sums.append(float(logp.gather(1, tgt[:, None]).sum()))
+    return sums
+
+
 @torch.no_grad()
 def generate_batch(
     model,

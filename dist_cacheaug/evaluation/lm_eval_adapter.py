@@ -36,7 +36,6 @@ import functools
 import sys
 
 import torch
-import torch.nn.functional as F
 
 try:
     from lm_eval.api.model import LM
@@ -52,8 +51,10 @@ from .batching import (
     fit_context,
     generate_batch,
     pad_id_for,
+    rolling_windows,
     run_batched,
     score_batch,
+    score_windows,
     tokens_after_context,
 )
 from .downstream import context_prefix, encode_pair
@@ -161,24 +162,28 @@ class CacheAugLM(LM):
             self.cache_hook.add_partial("loglikelihood", tuple(req.args[:2]), res)
         return out
 
-    @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        dec = self.model.decoder
-        out = []
-        for req in requests:
+        """The plain decoder's log-likelihood of each whole document (lm-eval's perplexity tasks), in
+        windows of ``max_length`` tokens; every window of every document batched together."""
+        windows, owner = [], []
+        for i, req in enumerate(requests):
             ids = context_prefix(self.tok, self.model) + self.tok.encode(req.args[0])
-            total, start = 0.0, 1
-            while start < len(ids):  # predict ids[start:end] from up to max_length tokens before them
-                end = min(len(ids), start + self.max_length - 1)
-                lo = max(0, end - self.max_length)
-                window = torch.tensor([ids[lo:end]], device=self._device)
-                logp = F.log_softmax(dec(input_ids=window).logits[0].float(), -1)
-                tgt = torch.tensor(ids[start:end], device=self._device)
-                rows = torch.arange(start - lo - 1, end - lo - 1, device=self._device)
-                total += float(logp[rows].gather(1, tgt[:, None]).sum())
-                start = end
+            for window in rolling_windows(ids, self.max_length):
+                windows.append(window)
+                owner.append(i)
+        sums = run_batched(
+            lambda batch: score_windows(self.model.decoder, batch, pad_id=self.pad_id),
+            windows,
+            [-len(w) for w, _ in windows],
+            self.batch_size,
+            progress=not disable_tqdm,
+            desc="loglikelihood_rolling",
+        )
+        out = [0.0] * len(requests)
+        for i, total in zip(owner, sums):  # a document's windows in order, as one loop would add them
+            out[i] += total
+        for req, total in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
-            out.append(total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

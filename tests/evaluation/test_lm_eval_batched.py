@@ -18,6 +18,7 @@ from tiny_models import tiny_decoder
 
 import dist_cacheaug.evaluation.downstream as ds
 from dist_cacheaug import CacheAugmentedLM
+from dist_cacheaug.evaluation import batching
 from dist_cacheaug.evaluation.inference import InferenceError
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -105,6 +106,36 @@ def test_adapter_at_batch_size_3_equals_batch_size_1(augment):
     texts = three.generate_until(reqs, disable_tqdm=True)
     assert texts == one.generate_until(reqs, disable_tqdm=True)
     assert texts[1:3] == one.generate_until(reqs[1:3], disable_tqdm=True)  # results in lm-eval's order
+
+
+def _rolling_one_window_at_a_time(lm, doc: str) -> float:
+    """The reference: each window alone through the plain decoder, targets as lm-eval defines them
+    (every token after the BOS, each from up to max_length tokens before it)."""
+    ids = [lm.tok.bos_id, *lm.tok.encode(doc)]
+    total, start = 0.0, 1
+    while start < len(ids):
+        end = min(len(ids), start + lm.max_length - 1)
+        lo = max(0, end - lm.max_length)
+        logits = lm.model.decoder(input_ids=torch.tensor([ids[lo:end]])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)[start - lo - 1 : end - lo - 1]
+        total += float(logp.gather(1, torch.tensor(ids[start:end])[:, None]).sum())
+        start = end
+    return total
+
+
+def test_rolling_loglikelihood_batched_equals_one_window_at_a_time():
+    docs = ["ab cd ef", "x", "a much longer document that needs several windows of twelve tokens", "12 + 7"]
+    reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    one, three = _lm(1, max_length=12), _lm(3, max_length=12)
+    want = [_rolling_one_window_at_a_time(one, d) for d in docs]
+    for lm in (one, three):
+        got = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+        assert got == pytest.approx(want, abs=ATOL)
+    # windows: every token after the BOS is a target exactly once, each from at most max_length tokens
+    ids = list(range(30))
+    windows = batching.rolling_windows(ids, 12)
+    assert sum(scored for _, scored in windows) == 29 and all(len(w) <= 12 for w, _ in windows)
+    assert [w[-scored:] for w, scored in windows] == [ids[1:12], ids[12:23], ids[23:30]]
 
 
 def test_adapter_bad_requests_and_long_contexts(capsys):

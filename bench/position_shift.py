@@ -55,7 +55,11 @@ def main() -> None:
     losses: dict[str, list[float]] = {}
 
     def add(name: str, inputs: torch.Tensor, positions: list[torch.Tensor], target: torch.Tensor) -> None:
-        logits = decoder(inputs_embeds=inputs[None], position_ids=torch.cat(positions)[None]).logits[0, -1]
+        # an explicit all-ones mask: with position ids that jump and no mask, transformers would read the
+        # batch as packed sequences and cut x[p] off from the tokens before it
+        mask = torch.ones(1, len(inputs), dtype=torch.long)
+        pos = torch.cat(positions)[None]
+        logits = decoder(inputs_embeds=inputs[None], position_ids=pos, attention_mask=mask).logits[0, -1]
         losses.setdefault(name, []).append(
             torch.nn.functional.cross_entropy(logits[None], target[None]).item()
         )

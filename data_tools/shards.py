@@ -43,11 +43,15 @@ DTYPES = {"uint16": "u16", "uint32": "u32"}
 
 
 def progress_bar(total=None, desc="", unit="it", enabled=True, **kw):
+    """A tqdm bar on stderr, shown only when ``enabled``, on a terminal, and not turned off by
+    ``TQDM_DISABLE``: never frames in a log file. (tqdm's ``disable=False`` would force frames into a
+    file; ``disable=None`` alone means "terminal only" but overrides the user's ``TQDM_DISABLE``.)"""
     from tqdm import tqdm
 
-    # disable=None: a bar only on a terminal, never frames in a log file (an explicit False would force it)
-    disable = None if enabled else True
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False, **kw)
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=True if off else None, file=sys.stderr, leave=False, **kw
+    )
 
 
 def sample_field(dtype: str) -> str:

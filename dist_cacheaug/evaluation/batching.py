@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -68,17 +67,15 @@ def run_batched(
     """``fn`` over batches of ``requests`` (a list in, one result per request out), results in request
     order. ``shard=(rank, world)``: this rank runs its share of the batches; every rank must call this
     and every rank gets all the results. Progress bar on rank 0 only (its own share)."""
-    from tqdm.auto import tqdm
+    from data_tools.shards import progress_bar
 
     rank, world = check_shard(shard)
     batch_size = check_batch_size(batch_size)
     mine = plan_batches(sort_keys, batch_size)[rank::world]
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(map(len, mine)),
         desc=desc if world == 1 else f"{desc} (rank {rank} of {world})",
-        # None: tqdm shows the bar only on a terminal (an explicit False would write frames into log files)
-        disable=None if progress and rank == 0 else True,
-        file=sys.stderr,
+        enabled=progress and rank == 0,  # and only on a terminal: never frames in a log file
     )
     local = []
     for batch in mine:
@@ -235,38 +232,26 @@ class RowStops:
         return [row[:e] if e is not None else row for row, e in zip(generated.tolist(), self.end)]
 
 
-def rolling_windows(ids: Sequence[int], max_length: int) -> list[tuple[list[int], int]]:
-    """A document's rolling log-likelihood windows, as (window ids, scored): ``ids[1:]`` is predicted
-    window by window, each target from up to ``max_length`` tokens before it; the last ``scored`` tokens
-    of each window are its targets. ``ids[0]`` (the BOS or EOS standing in for an empty context) is
-    never a target."""
-    out, start = [], 1
-    while start < len(ids):
-        end = min(len(ids), start + max_length - 1)
-        lo = max(0, end - max_length)
-        out.append((list(ids[lo:end]), end - start))
-        start = end
-    return out
-
-
 @torch.no_grad()
-def score_windows(decoder, windows: Sequence[tuple[list[int], int]], pad_id: int = 0) -> list[float]:
-    """Sum of log-probs of each window's last ``scored`` tokens, the windows read together by the plain
-    decoder (no latents). Right-padded: every row's tokens keep positions 0..len-1, as alone, and no
-    real token attends to a pad, so each sum equals its window alone to float rounding."""
+def score_windows(decoder, windows: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> list[float]:
+    """Sum of log-probs of each window's targets, for (input ids, target ids) windows in which the last
+    ``len(targets)`` inputs predict the targets (lm-eval's rolling windows), read together by the plain
+    decoder (no latents). Right-padded with a mask: every row's tokens keep positions 0..len-1, as alone,
+    and no real token attends to a pad, so each sum equals its window alone to float rounding."""
     device = next(decoder.parameters()).device
     width = max(len(w) for w, _ in windows)
     ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(windows), width, dtype=torch.long)
-    for r, (w, _) in enumerate(windows):
+    for r, (w, t) in enumerate(windows):
+        if not t or len(t) > len(w):
+            raise ValueError(f"window {r}: {len(t)} targets for {len(w)} inputs")
         ids[r, : len(w)] = torch.tensor(w)
         mask[r, : len(w)] = 1
-    logits = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logits = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     sums = []
-    for r, (w, scored) in enumerate(windows):
-        logp = F.log_softmax(logits[r, len(w) - scored - 1 : len(w) - 1].float(), -1)
-        tgt = torch.tensor(w[len(w) - scored :], device=logp.device)
-        sums.append(float(logp.gather(1, tgt[:, None]).sum()))
+    for r, (w, t) in enumerate(windows):
+        logp = F.log_softmax(logits[r, len(w) - len(t) : len(w)].float(), -1)
+        sums.append(float(logp.gather(1, torch.tensor(t, device=logp.device)[:, None]).sum()))
     return sums
 
 

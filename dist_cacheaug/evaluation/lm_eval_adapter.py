@@ -40,6 +40,7 @@ import torch
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError(
         "dist_cacheaug.evaluation.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval"
@@ -51,7 +52,6 @@ from .batching import (
     fit_context,
     generate_batch,
     pad_id_for,
-    rolling_windows,
     run_batched,
     score_batch,
     score_windows,
@@ -163,13 +163,17 @@ class CacheAugLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """The plain decoder's log-likelihood of each whole document (lm-eval's perplexity tasks), in
-        windows of ``max_length`` tokens; every window of every document batched together."""
+        """The plain decoder's log-likelihood of each whole document (lm-eval's perplexity tasks) in
+        lm-eval's own rolling windows (as its HF model: up to ``max_length`` tokens of context per
+        prediction, the first token predicted from BOS/EOS); every window of every document batched."""
         windows, owner = [], []
+        (prefix,) = context_prefix(self.tok, self.model)
         for i, req in enumerate(requests):
-            ids = context_prefix(self.tok, self.model) + self.tok.encode(req.args[0])
-            for window in rolling_windows(ids, self.max_length):
-                windows.append(window)
+            for context, targets in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok.encode(req.args[0]), prefix, self.max_length, 1),
+            ):
+                windows.append(((context + targets)[-(self.max_length + 1) :][:-1], targets))
                 owner.append(i)
         sums = run_batched(
             lambda batch: score_windows(self.model.decoder, batch, pad_id=self.pad_id),

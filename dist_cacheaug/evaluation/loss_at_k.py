@@ -134,7 +134,7 @@ def evaluate_insertion(
     r, r+W, ...), every rank must call this (it all-gathers the per-batch sums over ``torch.distributed``)
     and every rank gets the totals over all ranks. Random positions are seeded by the *global* sample
     index, so the numbers do not depend on the world size."""
-    from tqdm.auto import tqdm
+    from data_tools.shards import progress_bar
 
     if max_k < 1:
         raise ValueError(f"max_k must be >= 1, got {max_k}")
@@ -152,13 +152,11 @@ def evaluate_insertion(
             if max_sequences is None
             else min(max_sequences, eval_batches.num_samples)
         )
-    show = progress and rank == 0 and sys.stderr.isatty()
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
         unit="seq",
-        disable=not show,
-        file=sys.stderr,
+        enabled=progress and rank == 0,  # and only on a terminal: never frames in a log file
     )
     for batch in eval_batches:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch

@@ -319,7 +319,7 @@ def test_progress_bar_writes_nothing_into_a_log_file(monkeypatch):
     from data_tools import shards
 
     log = io.StringIO()  # isatty() is False, like a log file
-    monkeypatch.setattr(shards.sys, "stderr", log)
+    monkeypatch.setattr(sys, "stderr", log)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     bar = shards.progress_bar(total=3, desc="shards", enabled=True)
     bar.update(3)

@@ -8,6 +8,7 @@ is left-truncated and counted."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -159,18 +160,27 @@ class _Stream:
         pass
 
 
-@pytest.mark.parametrize("tty", [False, True], ids=["log-file", "terminal"])
-def test_progress_bar_only_on_a_terminal(tty, monkeypatch):
-    """``progress=True`` (the CLI's default) must not write tqdm frames into a log file: an explicit
-    ``disable=False`` would force them even past TQDM_DISABLE."""
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+@pytest.mark.parametrize(
+    "tty, tqdm_disable, shown",
+    [(False, "", False), (True, "", True), (True, "1", False)],
+    ids=["log-file", "terminal", "terminal-TQDM_DISABLE"],
+)
+def test_progress_bar_only_on_a_terminal(tty, tqdm_disable, shown, monkeypatch):
+    """``progress=True`` (the CLI's default) shows a bar on a terminal only: never tqdm frames in a log
+    file (tqdm's ``disable=False`` would force them), and the user's TQDM_DISABLE=1 still wins."""
+    monkeypatch.setenv("TQDM_DISABLE", tqdm_disable)
     err = _Stream(tty)
-    monkeypatch.setattr(batching.sys, "stderr", err)
+    monkeypatch.setattr(sys, "stderr", err)
     out = batching.run_batched(
         lambda b: [len(r) for r in b], [[1], [1, 2]], [0, 0], 1, progress=True, desc="x"
     )
     assert out == [1, 2]
-    assert ("2/2" in err.text) == tty, err.text
+    assert ("x: " in err.text) == shown, err.text  # the bar's description
+    if shown:  # another rank of a data-parallel run never draws one (it fails later, at the gather)
+        err.text = ""
+        with pytest.raises(RuntimeError, match="not initialised"):
+            batching.run_batched(lambda b: [0] * len(b), [[1], [2]], [0, 0], 1, shard=(1, 2), progress=True)
+        assert err.text == ""
 
 
 # ---- the evaluators at batch B = batch 1 --------------------------------------------------------------

@@ -18,7 +18,6 @@ from tiny_models import tiny_decoder
 
 import dist_cacheaug.evaluation.downstream as ds
 from dist_cacheaug import CacheAugmentedLM
-from dist_cacheaug.evaluation import batching
 from dist_cacheaug.evaluation.inference import InferenceError
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -108,34 +107,34 @@ def test_adapter_at_batch_size_3_equals_batch_size_1(augment):
     assert texts[1:3] == one.generate_until(reqs[1:3], disable_tqdm=True)  # results in lm-eval's order
 
 
-def _rolling_one_window_at_a_time(lm, doc: str) -> float:
-    """The reference: each window alone through the plain decoder, targets as lm-eval defines them
-    (every token after the BOS, each from up to max_length tokens before it)."""
-    ids = [lm.tok.bos_id, *lm.tok.encode(doc)]
-    total, start = 0.0, 1
-    while start < len(ids):
-        end = min(len(ids), start + lm.max_length - 1)
-        lo = max(0, end - lm.max_length)
-        logits = lm.model.decoder(input_ids=torch.tensor([ids[lo:end]])).logits[0]
-        logp = torch.log_softmax(logits.float(), -1)[start - lo - 1 : end - lo - 1]
-        total += float(logp.gather(1, torch.tensor(ids[start:end])[:, None]).sum())
-        start = end
-    return total
+def _window_sum(lm, context: list[int], targets: list[int]) -> float:
+    """log p(targets | context) by the plain decoder, one window alone."""
+    ids = context + targets
+    logp = torch.log_softmax(lm.model.decoder(input_ids=torch.tensor([ids[:-1]])).logits[0].float(), -1)
+    rows = torch.arange(len(context) - 1, len(ids) - 1)
+    return float(logp[rows, torch.tensor(targets)].sum())
 
 
-def test_rolling_loglikelihood_batched_equals_one_window_at_a_time():
-    docs = ["ab cd ef", "x", "a much longer document that needs several windows of twelve tokens", "12 + 7"]
+def test_rolling_loglikelihood_uses_lm_evals_windows_and_batches_exactly():
+    """lm-eval's rolling windows at max_length M = 12 over [BOS] + 29 tokens (ids 0..29): the targets
+    1..12 read ids 0..11, 13..24 read 12..23, and the last 25..29 read the 12 ids before each; every
+    window of every document in one batch equals each alone."""
+    lm1, lm3 = _lm(1, max_length=12), _lm(3, max_length=12)
+    doc = "a document of twenty-nine ch."
+    ids = [lm1.tok.bos_id, *lm1.tok.encode(doc)]
+    assert len(ids) == 30
+    want = (
+        _window_sum(lm1, ids[0:1], ids[1:13])
+        + _window_sum(lm1, ids[12:13], ids[13:25])
+        + _window_sum(lm1, ids[17:25], ids[25:30])
+    )
+    docs = [doc, "ab cd ef", "x", "12 + 7 = 19"]
     reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
-    one, three = _lm(1, max_length=12), _lm(3, max_length=12)
-    want = [_rolling_one_window_at_a_time(one, d) for d in docs]
-    for lm in (one, three):
-        got = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
-        assert got == pytest.approx(want, abs=ATOL)
-    # windows: every token after the BOS is a target exactly once, each from at most max_length tokens
-    ids = list(range(30))
-    windows = batching.rolling_windows(ids, 12)
-    assert sum(scored for _, scored in windows) == 29 and all(len(w) <= 12 for w, _ in windows)
-    assert [w[-scored:] for w, scored in windows] == [ids[1:12], ids[12:23], ids[23:30]]
+    one = lm1.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert one[0] == pytest.approx(want, abs=ATOL)
+    for d, got in zip(docs[1:], one[1:]):  # a document that fits: one pass over [BOS] + it
+        assert got == pytest.approx(_window_sum(lm1, [lm1.tok.bos_id], lm1.tok.encode(d)), abs=ATOL)
+    assert lm3.loglikelihood_rolling(reqs, disable_tqdm=True) == pytest.approx(one, abs=ATOL)
 
 
 def test_adapter_bad_requests_and_long_contexts(capsys):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.core.generation import generate
 from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
-from dist_cacheaug.train.benchmark import random_answering_decoder, timed
+from dist_cacheaug.train.benchmark import answering_device, random_answering_decoder, timed
 
 
 def timed_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
@@ -86,14 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
+    device, where = answering_device(args.threads)
     print(
         f"# {where}; torch {torch.__version__}; prompt {args.prompt_len}, answer {args.answer_len} tokens, "
         f"batch {args.batch}, greedy, best of {args.repeats}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from dist_cacheaug import CacheAugmentedLM
 from dist_cacheaug.evaluation.batching import generate_batch
 from dist_cacheaug.train.benchmark import MODEL_PRESETS as PRESETS
-from dist_cacheaug.train.benchmark import random_answering_decoder
+from dist_cacheaug.train.benchmark import answering_device, random_answering_decoder
 
 
 def answer_all(model, prompts: list[list[int]], batch: int, new_tokens: int, augment: bool) -> None:
@@ -111,14 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
+    device, where = answering_device(args.threads)
     lo, hi = args.prompt_len
     print(
         f"# {where}; torch {torch.__version__}; {args.prompts} prompts of {lo}-{hi} tokens (left-padded, longest "

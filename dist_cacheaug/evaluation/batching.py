@@ -110,6 +110,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     return ids.to(device), mask.to(device)
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] ids and mask (1 = token) of rows RIGHT-padded to the longest: every row keeps positions
+    0..len-1; an empty row is all padding."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def fit_context(ids: list[int], after: int, max_length: int, what: str) -> tuple[list[int], bool]:
     """(context, truncated?): the context LEFT-truncated so that it and the ``after`` tokens the
     decoder reads after it (latents, continuation or generated tokens) fit ``max_length`` positions;
@@ -174,16 +186,12 @@ def score_batch(
     if width:
         cache = clone_cache(cache)
         cache.batch_select_indices(rows_t)  # rebinds the clone's layers; the original keeps its rows
-        in_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-        in_mask = torch.zeros(len(pairs), width, dtype=torch.long)
-        for r, f in enumerate(fed):
-            in_ids[r, : len(f)] = torch.tensor(f, dtype=torch.long)
-            in_mask[r, : len(f)] = 1
+        in_ids, in_mask = right_pad(fed, pad_id, device)
         lens = torch.tensor([max(len(f), 1) for f in fed])
         steps = torch.minimum(torch.arange(width)[None], lens[:, None] - 1)  # pads repeat the last position
         out = dec(
-            input_ids=in_ids.to(device),
-            attention_mask=torch.cat([cache_mask[rows_t], in_mask.to(device)], 1),
+            input_ids=in_ids,
+            attention_mask=torch.cat([cache_mask[rows_t], in_mask], 1),
             position_ids=next_pos[rows_t][:, None] + steps.to(device),
             **cache_arg(cache),
             use_cache=True,
@@ -238,16 +246,11 @@ def score_windows(decoder, windows: Sequence[tuple[list[int], list[int]]], pad_i
     ``len(targets)`` inputs predict the targets (lm-eval's rolling windows), read together by the plain
     decoder (no latents). Right-padded with a mask: every row's tokens keep positions 0..len-1, as alone,
     and no real token attends to a pad, so each sum equals its window alone to float rounding."""
-    device = next(decoder.parameters()).device
-    width = max(len(w) for w, _ in windows)
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(windows), width, dtype=torch.long)
     for r, (w, t) in enumerate(windows):
         if not t or len(t) > len(w):
             raise ValueError(f"window {r}: {len(t)} targets for {len(w)} inputs")
-        ids[r, : len(w)] = torch.tensor(w)
-        mask[r, : len(w)] = 1
-    logits = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    ids, mask = right_pad([w for w, _ in windows], pad_id, next(decoder.parameters()).device)
+    logits = decoder(input_ids=ids, attention_mask=mask, use_cache=False).logits
     sums = []
     for r, (w, t) in enumerate(windows):
         logp = F.log_softmax(logits[r, len(w) - len(t) : len(w)].float(), -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -59,6 +60,17 @@ MODEL_PRESETS = {
         sliding_window=4096,
     ),
 }
+
+
+def answering_device(threads: int | None) -> tuple[torch.device, str]:
+    """(device, what it is in words) for the answering benchmarks: the GPU when present, else the CPU
+    with ``threads`` torch threads (None: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return device, torch.cuda.get_device_name()
+    return device, f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def random_answering_decoder(preset: str, device: torch.device):

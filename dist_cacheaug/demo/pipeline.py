@@ -110,6 +110,10 @@ class Budget:
     base: StageBudget = field(default_factory=lambda: StageBudget(steps=2500))
     runs: StageBudget = field(default_factory=StageBudget)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    #: The runs' seeds (coprocessor init, soft tokens, positions); every run shares one base.
+    base_seed: int = 0
+    #: The base's seed (init and data order). ``--replicas`` varies it with the runs' seeds: on another
+    #: machine the first differing rounding bit sends training on another path, so a seed stands in for it.
     eval: EvalBudget = field(default_factory=EvalBudget)
     name: str = "custom"
     source: str = ""
@@ -436,7 +440,7 @@ def stamp_budget(budget: Budget, layout: Layout) -> None:
     stamp = layout.run / "budget.json"
     values = {k: v for k, v in dataclasses.asdict(budget).items() if k not in ("name", "source")}
     if stamp.is_file():
-        old = json.loads(stamp.read_text())
+        old = {"base_seed": 0, **json.loads(stamp.read_text())}  # stamps from before base_seed existed
         if old != values:
             diff = sorted(k for k in set(old) | set(values) if old.get(k) != values.get(k))
             raise ConfigError(
@@ -546,7 +550,7 @@ def _common_sets(layout: Layout, stage: StageBudget, run_dir: Path, seed: int) -
 
 def stage_base(budget: Budget, layout: Layout) -> None:
     if not (layout.base / "export" / "config.json").is_file():
-        sets = _common_sets(layout, budget.base, layout.base, seed=0)
+        sets = _common_sets(layout, budget.base, layout.base, seed=budget.base_seed)
         if budget.base.steps < 500:
             sets.append(f"train.eval_interval={budget.base.steps}")
         name = f"3/6 base ({budget.base.steps} steps)"
@@ -700,7 +704,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="cacheaug demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--budget", default="quick", help="quick (default), full, micro, or a budget .yaml file")
-    p.add_argument("--run-dir", default=None, help="default: runs/demo_<budget>")
+    p.add_argument("--run-dir", default=None, help="default: runs/demo_<budget> (runs/replicas_<budget>)")
     p.add_argument(
         "--parallel",
         type=int,
@@ -708,20 +712,80 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="training runs at a time (default: 2 on a CPU with >= 2 cores, each with half the cores; 1 on GPU)",
     )
     p.add_argument(
-        "--publish", default=None, metavar="DIR", help="also write DIR/results.md, results.json, PNGs"
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the whole budget N times, base included, replica r with base seed r and run seeds shifted "
+        "by 1000 r (a seed stands in for another machine's rounding), in RUN_DIR/replica_r; then "
+        "RUN_DIR/replicas.md counts the replicas in which each check holds",
+    )
+    p.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="also write DIR/results.md, results.json, PNGs (with --replicas: DIR/replicas_<budget>.md/.json)",
     )
     return p.parse_args(argv)
+
+
+def replica_budget(budget: Budget, replica: int) -> Budget:
+    """The budget as another machine would run it: replica 0 is the budget itself."""
+    return dataclasses.replace(
+        budget,
+        base_seed=budget.base_seed + replica,
+        seeds=[s + REPLICA_SEED_STRIDE * replica for s in budget.seeds],
+    )
+
+
+#: Run seeds of replica r are the budget's plus r times this (no two replicas share a run seed).
+REPLICA_SEED_STRIDE = 1000
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     budget = load_budget(args.budget)
-    layout = Layout(Path(args.run_dir or f"runs/demo_{budget.name}").resolve())
-    layout.run.mkdir(parents=True, exist_ok=True)
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.replicas is not None and args.replicas < 1:
+        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
     parallel = args.parallel or (1 if _cuda() else min(2, os.cpu_count() or 1))
+    command = os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv])
+    if args.replicas is None:
+        layout = Layout(Path(args.run_dir or f"runs/demo_{budget.name}").resolve())
+        results = run_budget(budget, layout, parallel, command, args.publish)
+        print_summary(layout, results)
+        return 0
+    from . import replicas
+
+    root = Path(args.run_dir or f"runs/replicas_{budget.name}").resolve()
+    per_replica = []
+    for r in range(args.replicas):
+        _log(f"replica {r + 1} of {args.replicas}")
+        layout = Layout(root / f"replica_{r}")
+        per_replica.append(run_budget(replica_budget(budget, r), layout, parallel, command, None))
+        print_summary(layout, per_replica[-1])
+    summary = replicas.summarize(per_replica, budget, command)
+    md = replicas.markdown(summary)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "replicas.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / "replicas.md").write_text(md)
+    if args.publish:
+        pub = Path(args.publish)
+        pub.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / "replicas.md", pub / f"replicas_{budget.name}.md")
+        shutil.copyfile(root / "replicas.json", pub / f"replicas_{budget.name}.json")
+        _log(f"published {pub / f'replicas_{budget.name}.md'}")
+    print(f"  replicas:    {root / 'replicas.md'}")
+    for line in replicas.console_lines(summary):
+        print(f"  {line}")
+    return 0
+
+
+def run_budget(budget: Budget, layout: Layout, parallel: int, command: str, publish: str | None) -> dict:
+    """The six stages on one run directory; returns results.json's contents (also written there)."""
+    layout.run.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now()
     t0 = time.perf_counter()
     stamp_budget(budget, layout)
@@ -753,7 +817,7 @@ def main(argv=None) -> int:
     results = demo_report.aggregate(evals, budget.seeds, budget.eval.max_k, kinds)
     first_traces = evals["latents_4"][budget.seeds[0]]["insertion"]["num_traces"]
     meta = {
-        "command": os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv]),
+        "command": command,
         "budget": budget.source,
         "machine": machine_description(),
         "date": first_date(layout) or started.strftime("%Y-%m-%d %H:%M"),
@@ -772,8 +836,10 @@ def main(argv=None) -> int:
     (layout.run / "report.md").write_text(demo_report.report_markdown(results, meta, descriptions))
     pngs = demo_report.plot(results, layout.run)
     demo_report.log_eval_tensorboard(evals, layout.run / "tb_eval")
-    if args.publish:
-        pub = Path(args.publish)
+    results["pngs"] = [str(p) for p in pngs]
+    results["tensorboard"] = meta["tensorboard"]
+    if publish:
+        pub = Path(publish)
         pub.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(layout.run / "report.md", pub / "results.md")
         shutil.copyfile(layout.run / "results.json", pub / "results.json")
@@ -784,13 +850,18 @@ def main(argv=None) -> int:
         f"done in {(time.perf_counter() - t0) / 60:.1f} min ({durations['total_s'] / 60:.1f} min over all invocations; "
         f"CPU time {durations.cpu['total_s'] / 60:.1f} min)"
     )
+    return results
+
+
+def print_summary(layout: Layout, results: dict) -> None:
+    from . import report as demo_report
+
     print(f"  report:      {layout.run / 'report.md'}")
     print(f"  numbers:     {layout.run / 'results.json'}")
-    print(f"  plots:       {', '.join(str(p) for p in pngs) or '(matplotlib missing)'}")
-    print(f"  TensorBoard: {meta['tensorboard']}")
-    for sentence in demo_report.headline(results["checks"], len(budget.seeds)):
+    print(f"  plots:       {', '.join(results['pngs']) or '(matplotlib missing)'}")
+    print(f"  TensorBoard: {results['tensorboard']}")
+    for sentence in demo_report.headline(results["checks"], len(results["seeds"])):
         print(f"  {sentence}")
     for c in results["checks"]:
         verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "no ")
         print(f"  [{verdict}] {c['check']}: {c['measured']}")
-    return 0

@@ -160,13 +160,15 @@ def checks(r: dict, max_k: int) -> list[dict]:
             )
     if all(n in r["answer_pairs"] for n in LATENT_RUNS):
         d, se = _pair(r, "latents_16", "latents_4")
+        # The paper's claim is that more latents help (Table 1): N_L = 16 must beat N_L = 4 beyond 2 paired
+        # SE, not merely tie with it.
         out.append(
             {
-                "check": "N_L=16 helps and is at least as good as N_L=4 on answers",
-                "claim": "N_L = 16 is at least as good as N_L = 4",
-                "measured": f"latents_16 - latents_4 = {d:+.4f} nats per problem (paired SE {se:.4f}); "
+                "check": "N_L=16 beats N_L=4 on answers (more latents help, Table 1's order)",
+                "claim": "N_L = 16 lowers the answer CE more than N_L = 4",
+                "measured": f"latents_16 - latents_4 = {d:+.4f} nats per problem; margin 2 paired SE {2 * se:.4f}; "
                 f"latents_16 beats the base: {'yes' if beats['latents_16'] else 'no'}",
-                "pass": beats["latents_16"] and d <= 2 * se,
+                "pass": beats["latents_16"] and d < -2 * se,
             }
         )
     for name in LATENT_RUNS:

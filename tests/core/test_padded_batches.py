@@ -1,6 +1,6 @@
 """Prompts of different lengths in one batch: LEFT padding with an attention mask. Every row's latents,
 next-token logits and greedy continuation equal those of the same prompt run alone (fp32, eager
-attention, CPU: atol 1e-5), for every tiny family and both position conventions, with prompts of one
+attention, CPU: atol 3e-5), for every tiny family and both position conventions, with prompts of one
 token, rows that stop early at EOS (the decoder's own, id 2, or a given one; HF ``generate`` then fills
 the row with the pad id), delayed latents and re-augmentation; bad masks are refused."""
 
@@ -19,7 +19,10 @@ FAMILIES = ["gemma2", "llama", "mistral", "qwen2"]
 CONVENTIONS = ["insert", "refeed"]
 LENGTHS = [1, 5, 9]  # gemma2's window is 7, mistral's 9: latents and new tokens cross them
 NEW = 6
-ATOL = 1e-5
+# Same maths, other shapes (a padded batch vs each prompt alone: other matmul and softmax kernels):
+# logits and latents (|x| <= ~5) after 2-4 layers differ from an fp64 run by <= 6e-6, so two fp32 paths
+# by up to ~1.2e-5 (7e-6 measured); a pad that is seen or a position off by one is >= 1e-3.
+ATOL = 3e-5
 PAD = 0
 
 
@@ -58,6 +61,7 @@ def _assert_rows_equal_alone(new: torch.Tensor, alone: list[list[int]], what=Non
         assert new[r].tolist() == a + [PAD] * (new.shape[1] - len(a)), (what, r, new[r].tolist(), a)
 
 
+@pytest.mark.numerics
 def test_augment_rows_equal_each_prompt_alone(model):
     prompts = _prompts()
     ids, mask = _left_pad(prompts)
@@ -120,6 +124,7 @@ def test_generate_row_stopping_at_a_given_eos_is_padded_and_others_go_on(model):
     assert new[0].tolist().index(eos) < NEW - 1 and new[0, -1] == PAD  # row 0 stopped early, then pads
 
 
+@pytest.mark.numerics
 def test_all_ones_mask_equals_no_mask():
     model = _model("gemma2", "refeed")
     ids = _prompts([7, 7, 7])
@@ -145,6 +150,7 @@ def test_padded_reaugment_and_delay_equal_each_prompt_alone(family, convention):
         _assert_rows_equal_alone(out[:, ids.shape[1] :], alone, kwargs)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["activations", "pause", "async", "base_lm"])
 def test_variants_padded_rows_equal_each_prompt_alone(variant):
     cls = VARIANTS[variant]

@@ -34,6 +34,7 @@ def _ids(lengths, seed=0):
 
 
 # ---- scoring ------------------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("augment", [True, False], ids=["augment", "no-augment"])
 @pytest.mark.parametrize(
     "family,convention", [("gemma2", "insert"), ("gemma2", "refeed"), ("llama", "insert")]
@@ -184,6 +185,7 @@ def test_progress_bar_only_on_a_terminal(tty, tqdm_disable, shown, monkeypatch):
 
 
 # ---- the evaluators at batch B = batch 1 --------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("augment", [True, False], ids=["augment", "no-augment"])
 def test_evaluators_at_batch_size_4_equal_batch_size_1(augment):
     tok, model = CharTokenizer(), _model("gemma2")

@@ -135,6 +135,7 @@ def test_bad_task_files(tmp_path):
 
 
 # ---- continuation scoring --------------------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_continuation_logprobs_equal_plain_forward(family):
     model = _model(family)

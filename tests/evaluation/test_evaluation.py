@@ -42,6 +42,7 @@ def _per_trace_mean(ids, spec, max_k, ce_fn):
     return torch.stack(rows).mean(0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_baseline_equals_plain_hf_forward(family):
     model = _model(family)
@@ -74,6 +75,7 @@ def test_disabled_coprocessor_equals_baseline(family):
     assert max(abs(x) for x in on["ppl_change_pct"]) > 0.5
 
 
+@pytest.mark.numerics
 def test_augmented_equals_augment_then_decoding():
     model = _model("gemma2", "insert")
     batches, ids = _batches(seq_len=26)
@@ -93,6 +95,7 @@ def test_augmented_equals_augment_then_decoding():
     torch.testing.assert_close(_t(r["augmented_ce"]), want.double(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_augmented_refeed_equals_one_trace_reference():
     model = _model("gemma2", "refeed")
     batches, ids = _batches(n_seq=2, seq_len=22)

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from .answers import paired_difference
+from .report import answer_pair
 
-#: Headline numbers of each replica: (label, how to read it from results.json's contents, format).
 _PCT = "{:+.2f} %"
 _NATS = "{:+.4f}"
 
 
 def _pair(r: dict, a: str, b: str) -> float | None:
+    """The paired answer-CE difference a - b, None when the budget has no such run."""
     ce = r["answer_per_problem_ce"]
-    return paired_difference(ce[a], ce[b])[0] if a in ce and b in ce else None
+    return answer_pair(r, a, b)[0] if a in ce and b in ce else None
 
 
 def _numbers(r: dict) -> dict[str, tuple[float | None, str]]:
+    """A replica's headline numbers: label -> (value read from results.json's contents, format)."""
     change = r["answer_loss_change_pct"]
     at_k1 = {name: v["1"] for name, v in r["ppl_change_pct_at_k"].items()}
     out = {}
@@ -41,6 +42,7 @@ def _numbers(r: dict) -> dict[str, tuple[float | None, str]]:
 def summarize(per_replica: list[dict], budget, command: str) -> dict:
     """replicas.json: each replica's checks and numbers, and per check the count of replicas it holds in."""
     replicas = []
+    numbers_of = [_numbers(r) for r in per_replica]
     for i, r in enumerate(per_replica):
         replicas.append(
             {
@@ -52,7 +54,7 @@ def summarize(per_replica: list[dict], budget, command: str) -> dict:
                 "wall_min": round(r["durations_s"]["total_s"] / 60, 2),
                 "cpu_min": round(r["cpu_s"].get("total_s", 0.0) / 60, 2),
                 "checks": {c["check"]: c["pass"] for c in r["checks"]},
-                "numbers": {k: v for k, (v, _) in _numbers(r).items()},
+                "numbers": {k: v for k, (v, _) in numbers_of[i].items()},
             }
         )
     n = len(replicas)
@@ -69,7 +71,7 @@ def summarize(per_replica: list[dict], budget, command: str) -> dict:
                 "robust": len(decided) == n and all(decided),
             }
         )
-    formats = {k: f for k, (_, f) in _numbers(per_replica[0]).items()}
+    formats = {k: f for k, (_, f) in numbers_of[0].items()}
     numbers = []
     for label, fmt in formats.items():
         values = [rep["numbers"].get(label) for rep in replicas]
@@ -91,6 +93,10 @@ def summarize(per_replica: list[dict], budget, command: str) -> dict:
         "checks": checks,
         "numbers": numbers,
     }
+
+
+def _held(check: dict, n: int) -> str:
+    return f"{check['holds']} of {n}" if check["decided"] else "n/a"
 
 
 def _verdict(v: bool | None) -> str:
@@ -137,8 +143,7 @@ def markdown(summary: dict) -> str:
     ]
     for c in summary["checks"]:
         cells = " | ".join(_verdict(v) for v in c["per_replica"])
-        held = f"{c['holds']} of {n}" if c["decided"] else "n/a"
-        lines.append(f"| {c['check']} | {cells} | {held} |")
+        lines.append(f"| {c['check']} | {cells} | {_held(c, n)} |")
     lines += [
         "",
         "## Headline numbers",
@@ -158,6 +163,5 @@ def console_lines(summary: dict) -> list[str]:
     n = len(summary["replicas"])
     out = [headline(summary)]
     for c in summary["checks"]:
-        held = f"{c['holds']} of {n}" if c["decided"] else "n/a"
-        out.append(f"[{held}] {c['check']}")
+        out.append(f"[{_held(c, n)}] {c['check']}")
     return out

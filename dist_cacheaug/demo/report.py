@@ -103,7 +103,7 @@ def aggregate(evals: dict, seeds: list[int], max_k: int, kinds: list[str] | None
     return r
 
 
-def _pair(r: dict, a: str, b: str) -> tuple[float, float]:
+def answer_pair(r: dict, a: str, b: str) -> tuple[float, float]:
     """Mean and SE over problems of (per-problem answer CE of a) - (that of b)."""
     return paired_difference(r["answer_per_problem_ce"][a], r["answer_per_problem_ce"][b])
 
@@ -159,7 +159,7 @@ def checks(r: dict, max_k: int) -> list[dict]:
                 }
             )
     if all(n in r["answer_pairs"] for n in LATENT_RUNS):
-        d, se = _pair(r, "latents_16", "latents_4")
+        d, se = answer_pair(r, "latents_16", "latents_4")
         # The paper's claim is that more latents help (Table 1): N_L = 16 must beat N_L = 4 beyond 2 paired
         # SE, not merely tie with it.
         out.append(
@@ -173,7 +173,7 @@ def checks(r: dict, max_k: int) -> list[dict]:
         )
     for name in LATENT_RUNS:
         if "pause_16" in r["answer_pairs"] and name in r["answer_pairs"]:
-            d, se = _pair(r, "pause_16", name)
+            d, se = answer_pair(r, "pause_16", name)
             out.append(
                 {
                     "check": f"pause tokens worse than the coprocessor ({name}) on answers (Table 3's order)",
@@ -186,7 +186,7 @@ def checks(r: dict, max_k: int) -> list[dict]:
     if "base_extra_steps" in r["answer_pairs"]:
         for name in LATENT_RUNS:
             if name in r["answer_pairs"]:
-                d, se = _pair(r, name, "base_extra_steps")
+                d, se = answer_pair(r, name, "base_extra_steps")
                 out.append(
                     {
                         "check": f"{name} beats the compute control (the base trained as many extra steps; "

@@ -42,6 +42,7 @@ def cmd_config(args) -> int:
     import dataclasses
 
     from .train.estimate import (
+        checkpoint_estimate,
         compute_seconds_per_micro,
         decoder_comm,
         flops_per_sequence,
@@ -115,6 +116,15 @@ def cmd_config(args) -> int:
     )
     for k, v in mem.items():
         print(f"  {k:24s} {v / 2**30:8.2f} GiB")
+    ck = checkpoint_estimate(cfg, world)
+    print(
+        f"\n# checkpoint (estimate, dist_cacheaug/train/checkpoint.py): {ck['bytes_per_save'] / 2**30:,.2f} GiB "
+        f"written per save (DeepSpeed's states {ck['deepspeed_bytes_per_rank'] / 2**30:,.2f} GiB per rank + the "
+        f"consolidated fp32 {ck['consolidated_bytes'] / 2**30:,.2f} GiB); extra host memory during a save: "
+        f"rank 0 {ck['save_peak_rank0'] / 2**30:,.3f} GiB (its largest parameter), other ranks "
+        f"{ck['save_peak_other_ranks'] / 2**30:,.3f} GiB (a whole fp32 copy per rank would be "
+        f"{ck['whole_copy'] / 2**30:,.2f} GiB)"
+    )
 
     # ---- communication: bytes each GPU moves, time at stated bandwidths, next to compute ----------
     gpn, intra, inter = args.gpus_per_node, args.intra_node_gbs, args.inter_node_gbs

@@ -3,8 +3,8 @@
 #   Shakespeare + arithmetic corpus -> sentencepiece tokenizer -> shards -> pretrain a tiny base -> freeze it
 #   -> coprocessors (N_L = 4, 16), pause tokens, base-extra-steps control -> Table-1 loss at k, held-out answers
 #   -> RUN_DIR/report.md (+ results.json, PNGs, TensorBoard)            (dist_cacheaug/demo/pipeline.py)
-# Usage: bash launchers/quickstart.sh [--quick | --full | --budget NAME|FILE] [RUN_DIR] [--publish DIR]
-#   --quick (default) about 6.5 min on 2 idle CPU cores (+ 1-2 min of set-up on first use); --full about 50 min
+# Usage: bash launchers/quickstart.sh [--quick | --full | --budget NAME|FILE] [RUN_DIR] [--publish DIR] [--replicas N | --replica R]
+#   --quick (default) about 7.6 min on 2 idle CPU cores (+ 1-3 min of set-up on first use); --full about 50 min
 #   (docs/results.md comes from it). Errors a user can fix print one line `error: ...`; --debug adds tracebacks.
 #   Running it again resumes: finished stages are skipped, a training run resumes from its checkpoint.
 set -euo pipefail

@@ -30,7 +30,10 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   # torch first and alone: on a machine without a GPU the pinned version resolves to the CPU build
   # already on disk; with a GPU, PyPI's default (CUDA) build of the same version.
   "$VPY" -m pip install -q "$TORCH" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$VPY" -c "import torch" || { echo "[setup] installing $TORCH failed: see pip's output above" >&2; exit 1; }
+  # (torch warns that NumPy is missing until the project's dependencies are in: not worth a user's attention)
+  if ! check=$("$VPY" -c "import torch" 2>&1); then
+    echo "$check" >&2; echo "[setup] installing $TORCH failed: see pip's output above" >&2; exit 1
+  fi
 fi
 if ! "$VPY" -c "import dist_cacheaug, data_tools, deepspeed, webdataset, pytest, pyarrow, zstandard" >/dev/null 2>&1 \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.cacheaug-installed" ] \

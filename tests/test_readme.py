@@ -61,6 +61,7 @@ SKIP = [
         "downloads its task from the Hugging Face Hub; tests/evaluation runs the adapter offline",
     ),
     (r"bench/real_widths\.py", "real widths: about 20 GiB of RAM and many minutes"),
+    (r"bench/checkpoint_memory\.py", "4 ranks of a 318M-parameter coprocessor: about 15 GiB of RAM"),
     (r"bench/ablations\.py", "about 16 minutes; docs/ablations.md records its run"),
     (
         r"bench/(core|loader|train|masks|shards|generate|generate_batch|shard_decoder)\.py",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -210,6 +211,15 @@ def no_latent_trace_loss(
     ce = chunked_cross_entropy(hidden_mh, targets_m, weight, softcap)
     per_offset = ce.view(-1, num_ahead).mean(0)
     return TrainingLossOutput(per_offset.mean(), per_offset, ce.numel())
+
+
+#: How an export writes one tensor file: ``(path, {name: tensor})``. The tensors may be parameters that a
+#: distributed writer gathers one at a time; :func:`save_tensors` writes them as they are.
+TensorFileWriter = Callable[[Path, dict[str, torch.Tensor]], None]
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 class CacheAugmentedLM(nn.Module):
@@ -453,23 +463,27 @@ class CacheAugmentedLM(nn.Module):
         )
 
     # ---- persistence -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
+    #: Every tensor file of this variant's export goes through ``save_pretrained``'s ``write_tensors``, so
+    #: training can stream a sharded model to disk one parameter at a time (``train/engine.py``). A variant
+    #: that saves through Hugging Face's ``save_pretrained`` sets it False: training gathers it whole first.
+    streamed_export = True
+
+    def save_pretrained(self, directory: str | Path, write_tensors: TensorFileWriter | None = None) -> None:
         """Coprocessor (HF config + safetensors, HF key names), soft tokens, and our config. The frozen
-        decoder is not saved: it is whatever the user already has."""
+        decoder is not saved: it is whatever the user already has. ``write_tensors(path, tensors)`` writes
+        each tensor file (default :func:`save_tensors`); it receives the parameters themselves."""
+        write = write_tensors or save_tensors
         directory = Path(directory)
         cop_dir = directory / COPROCESSOR_DIR
         cop_dir.mkdir(parents=True, exist_ok=True)
         self.coprocessor.config.save_pretrained(cop_dir)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.coprocessor.state_dict().items()}
-        save_file(state, str(cop_dir / WEIGHTS_NAME))
-        self.save_soft_tokens(directory)
+        write(cop_dir / WEIGHTS_NAME, dict(self.coprocessor.state_dict(keep_vars=True)))
+        self.save_soft_tokens(directory, write)
         self.write_meta(directory)
 
-    def save_soft_tokens(self, directory: Path) -> None:
+    def save_soft_tokens(self, directory: Path, write_tensors: TensorFileWriter | None = None) -> None:
         """Write the soft tokens (``SOFT_TOKENS_NAME``) into an export directory that exists."""
-        save_file(
-            {"soft_tokens": self.soft_tokens.detach().contiguous().cpu()}, str(directory / SOFT_TOKENS_NAME)
-        )
+        (write_tensors or save_tensors)(directory / SOFT_TOKENS_NAME, {"soft_tokens": self.soft_tokens})
 
     def write_meta(self, directory: Path) -> None:
         """Write ``cacheaug_config.json`` (variant name and options, AugmentConfig, decoder fingerprint):

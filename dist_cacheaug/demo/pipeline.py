@@ -721,6 +721,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "RUN_DIR/replicas.md counts the replicas in which each check holds",
     )
     p.add_argument(
+        "--replica",
+        type=int,
+        default=None,
+        metavar="R",
+        help="run replica R alone, into RUN_DIR/replica_R (e.g. one per machine or job); a later --replicas N "
+        "on the same RUN_DIR reuses every finished replica",
+    )
+    p.add_argument(
         "--publish",
         default=None,
         metavar="DIR",
@@ -750,8 +758,17 @@ def main(argv=None) -> int:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     if args.replicas is not None and args.replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replica is not None and (args.replica < 0 or args.replicas is not None):
+        raise ConfigError(f"--replica must be >= 0 and not combined with --replicas, got {args.replica}")
     parallel = args.parallel or (1 if _cuda() else min(2, os.cpu_count() or 1))
     command = os.environ.get("CACHEAUG_DEMO_COMMAND") or shlex.join(["cacheaug", "demo", *argv])
+    root = Path(args.run_dir or f"runs/replicas_{budget.name}").resolve()
+    if args.replica is not None:
+        layout = Layout(root / f"replica_{args.replica}")
+        print_summary(
+            layout, run_budget(replica_budget(budget, args.replica), layout, parallel, command, None)
+        )
+        return 0
     if args.replicas is None:
         layout = Layout(Path(args.run_dir or f"runs/demo_{budget.name}").resolve())
         results = run_budget(budget, layout, parallel, command, args.publish)
@@ -759,7 +776,6 @@ def main(argv=None) -> int:
         return 0
     from . import replicas
 
-    root = Path(args.run_dir or f"runs/replicas_{budget.name}").resolve()
     per_replica = []
     for r in range(args.replicas):
         _log(f"replica {r + 1} of {args.replicas}")
@@ -832,6 +848,9 @@ def run_budget(budget: Budget, layout: Layout, parallel: int, command: str, publ
         {k: meta[k] for k in ("command", "budget", "machine", "date", "durations_s", "cpu_s", "convention")}
     )
     results["budget_values"] = dataclasses.asdict(budget)
+    from .replicas import record_for
+
+    results["replica_record"] = record_for(budget, CHECKOUT / "docs") if CHECKOUT is not None else None
     (layout.run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (layout.run / "report.md").write_text(demo_report.report_markdown(results, meta, descriptions))
     pngs = demo_report.plot(results, layout.run)
@@ -860,8 +879,15 @@ def print_summary(layout: Layout, results: dict) -> None:
     print(f"  numbers:     {layout.run / 'results.json'}")
     print(f"  plots:       {', '.join(results['pngs']) or '(matplotlib missing)'}")
     print(f"  TensorBoard: {results['tensorboard']}")
-    for sentence in demo_report.headline(results["checks"], len(results["seeds"])):
+    record = results.get("replica_record")
+    for sentence in demo_report.headline(results["checks"], len(results["seeds"]), record):
         print(f"  {sentence}")
+    counts = demo_report.replica_counts(record)
     for c in results["checks"]:
         verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "no ")
-        print(f"  [{verdict}] {c['check']}: {c['measured']}")
+        held = (
+            f" (held in {counts[c['check']][0]} of {counts[c['check']][1]} replicas)"
+            if c["check"] in counts
+            else ""
+        )
+        print(f"  [{verdict}] {c['check']}: {c['measured']}{held}")

@@ -9,6 +9,8 @@ check, the replicas in which it holds; per headline number, its value in each re
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from .report import answer_pair
 
@@ -92,6 +94,34 @@ def summarize(per_replica: list[dict], budget, command: str) -> dict:
         "replicas": replicas,
         "checks": checks,
         "numbers": numbers,
+    }
+
+
+#: What a replica record shares with the budget it speaks for: the recipe. Seeds differ by design.
+RECIPE_FIELDS = ("corpus", "base", "runs", "eval")
+
+
+def record_for(budget, docs: Path) -> dict | None:
+    """What ``docs/replicas_<budget>.json`` measured, for a report on one run of that budget: per check, in
+    how many replicas it held. None when there is no record; ``{"stale": True}`` when the record is of
+    another recipe (the budget was edited since), so a report never borrows another recipe's counts."""
+    path = docs / f"replicas_{budget.name}.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    shown = f"{path.parent.name}/{path.with_suffix('.md').name}"
+    now, then = dataclasses.asdict(budget), summary["budget_values"]
+    if any(now[k] != then.get(k) for k in RECIPE_FIELDS) or len(now["seeds"]) != len(then.get("seeds", [])):
+        return {"source": shown, "stale": True}
+    reps = summary["replicas"]
+    return {
+        "source": shown,
+        "stale": False,
+        "replicas": len(reps),
+        "machine": reps[0]["machine"],
+        "dates": f"{reps[0]['date'][:10]} … {reps[-1]['date'][:10]}",
+        "command": summary["command"],
+        "checks": {c["check"]: {"holds": c["holds"], "decided": c["decided"]} for c in summary["checks"]},
     }
 
 

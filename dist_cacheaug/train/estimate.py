@@ -27,6 +27,7 @@ class ParamCounts:
     soft_tokens: int
     decoder_layers: int = 0  # the decoder's transformer layers: what ``zero.shard_decoder`` splits
     num_layers: int = 1
+    largest: int = 0  # the coprocessor's largest parameter: what a streamed checkpoint holds at once
 
 
 def param_counts(cfg: RunConfig) -> ParamCounts:
@@ -40,6 +41,11 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
     soft = cfg.model.num_latents * hf.hidden_size
     # model.variant=pause has no coprocessor: its N_L soft tokens go to the decoder directly
     trainable = soft if cfg.model.variant == "pause" else base - embedding + soft
+    emb = model.get_input_embeddings().weight
+    largest = max(
+        [soft]
+        + [p.numel() for p in model.base_model.parameters() if p is not emb] * (cfg.model.variant != "pause")
+    )
     return ParamCounts(
         decoder=decoder,
         coprocessor=trainable,
@@ -47,6 +53,7 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
         soft_tokens=soft,
         decoder_layers=layers,
         num_layers=hf.num_hidden_layers,
+        largest=largest,
     )
 
 
@@ -68,6 +75,26 @@ def decoder_bytes(counts: ParamCounts, group: int, elt: int) -> dict[str, float]
     return {
         "frozen_decoder": rest * elt + counts.decoder_layers * elt / group,
         "decoder_gathered_layers": 3 * per_layer * elt,
+    }
+
+
+def checkpoint_estimate(cfg: RunConfig, world_size: int) -> dict[str, float]:
+    """Bytes one checkpoint writes and the host memory a save adds per rank (``train/checkpoint.py``).
+
+    Written: DeepSpeed's files (fp32 master weights and Adam's two moments, 12 B per trainable
+    parameter, split over the ranks) plus the consolidated fp32 copy (4 B per parameter, rank 0). Memory:
+    rank 0 gathers and writes one parameter at a time (the largest, 4 B per element); under ZeRO-3 the
+    other ranks only send their partitions, under ZeRO-1/2 DeepSpeed's all-reduce gives each rank one
+    whole parameter too. ``whole_copy`` is what every rank held before the save was streamed."""
+    counts = param_counts(cfg)
+    n, big = counts.coprocessor, counts.largest
+    return {
+        "bytes_per_save": 16 * n,
+        "deepspeed_bytes_per_rank": 12 * n / world_size,
+        "consolidated_bytes": 4 * n,
+        "save_peak_rank0": 4 * big,
+        "save_peak_other_ranks": 0 if cfg.zero.stage == 3 else 4 * big,
+        "whole_copy": 4 * n,
     }
 
 

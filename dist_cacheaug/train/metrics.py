@@ -125,6 +125,14 @@ class MetricsLogger:
         if self.console:
             print(progress_line(step, self.max_steps, record), file=sys.stdout, flush=True)
 
+    def tensorboard_scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars that are not a training step's (a checkpoint's size and time): TensorBoard only, so
+        metrics.jsonl keeps one record per logged step."""
+        if self.enabled and self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
     def message(self, text: str) -> None:
         if self.enabled:
             print(f"[cacheaug] {text}", flush=True)

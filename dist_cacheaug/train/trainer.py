@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
+import shutil
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,7 @@ from ..variants import build_trainable
 from . import checkpoint
 from .estimate import flops_per_sequence
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
+from .run_state import GeneratorState, ProcessRngs, Stateful, load_state_dicts, state_dicts
 from .validation import eval_samples_for, summarize, validation_sums
 
 if TYPE_CHECKING:  # engine.py imports DeepSpeed, which must wait until the decoder exists
@@ -104,6 +106,18 @@ class TrainState:
                 f"{self.step}; train.max_nonfinite_steps={max_nonfinite_steps}): stopping. Lower "
                 "optim.lr or check the data; the newest checkpoint predates the problem."
             )
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_run = int(state["nonfinite_run"])
 
 
 @dataclass
@@ -216,15 +230,27 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, decoder) -> None:
             (dec_dir / "SOURCE").write_text(f"weights: {os.path.abspath(cfg.model.decoder_path)}\n")
 
 
-def _local_state(loader, pos_gen: torch.Generator) -> dict:
-    return {
-        "loader": loader.state_dict(),
-        "positions_rng": pos_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
-    }
+class SchedulerState:
+    """The LR schedule as a component: loading it sets the optimizer's learning rates too."""
+
+    def __init__(self, eng: Engine):
+        self.eng = eng
+
+    def state_dict(self) -> dict:
+        return self.eng.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eng.load_scheduler(state)
+
+
+def shared_state(run: Run) -> dict[str, Stateful]:
+    """What every rank holds alike: saved once per checkpoint."""
+    return {"train": run.state, "scheduler": SchedulerState(run.eng)}
+
+
+def rank_state(run: Run) -> dict[str, Stateful]:
+    """What each rank holds for itself: saved per rank, restored on the same rank (an exact resume)."""
+    return {"loader": run.loader, "positions": GeneratorState(run.positions), "rngs": ProcessRngs()}
 
 
 def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
@@ -233,28 +259,17 @@ def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
     restoring = time.perf_counter()
     env, saved = run.env, loaded.state
     same_world = loaded.world_size == env.world_size
+    load_state_dicts(shared_state(run), saved, str(loaded.path))
     if same_world:
         run.eng.load(str(loaded.path))
-        mine = saved["ranks"][env.rank]
-        run.loader.load_state_dict(mine["loader"], strict=True)
-        run.positions.set_state(mine["positions_rng"])
-        torch.set_rng_state(mine["torch_rng"])
-        if mine.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(mine["cuda_rng"])
-        random.setstate(mine["python_rng"])
-        np.random.set_state(mine["numpy_rng"])
-    else:
+        load_state_dicts(rank_state(run), saved["ranks"][env.rank], f"{loaded.path} (rank {env.rank})")
+    else:  # another world size: each rank takes a saved rank's data position; fresh draws where none
         src = saved["ranks"][env.rank % loaded.world_size]
         run.loader.load_state_dict(src["loader"], strict=False)
         if env.rank < loaded.world_size:
-            run.positions.set_state(src["positions_rng"])
+            GeneratorState(run.positions).load_state_dict(src["positions"])
         else:
             run.positions.manual_seed(_seed(run.cfg.train.seed, 1, env.rank, loaded.step))
-    run.eng.load_scheduler(saved["scheduler"])
-    state = run.state
-    state.step = int(saved["step"])
-    state.nonfinite_total = int(saved["nonfinite_total"])
-    state.nonfinite_run = int(saved["nonfinite_run"])
     how = (
         "exact"
         if same_world
@@ -264,7 +279,7 @@ def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
         )
     )
     run.log.message(
-        f"resumed from {loaded.path} at step {state.step} ({how}) in {time.perf_counter() - restoring:.1f} s"
+        f"resumed from {loaded.path} at step {run.state.step} ({how}) in {time.perf_counter() - restoring:.1f} s"
     )
 
 
@@ -302,9 +317,7 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, input
     found = checkpoint.latest(run_dir / "checkpoints")
     loaded = checkpoint.read(found, checkpoint.fingerprint(model, cfg), world_size=world) if found else None
     if loaded is not None and loaded.weights is not None:  # elastic resume: weights before partitioning
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(loaded.weights[name].to(p.dtype))
+        checkpoint.copy_weights_into(model, loaded.weights)
     if env.is_main:  # only now: a refused checkpoint leaves the run directory as it was
         _prepare_run_dir(cfg, run_dir, decoder)
     distributed.barrier()
@@ -550,24 +563,29 @@ def _evaluate(run: Run) -> dict:
 # ---- checkpoint and export -------------------------------------------------------------------------
 def _checkpoint(run: Run, *, final: bool) -> None:
     saving = time.perf_counter()
-    _save(run, final=final)
-    run.log.message(f"checkpoint of step {run.state.step} saved in {time.perf_counter() - saving:.1f} s")
+    path = _save(run, final=final)
+    seconds = time.perf_counter() - saving
+    if run.env.is_main:
+        written = checkpoint.saved_bytes(path)
+        run.log.tensorboard_scalars(
+            run.state.step, {"checkpoint/bytes": written, "checkpoint/seconds": seconds}
+        )
+        run.log.message(
+            f"checkpoint of step {run.state.step} saved in {seconds:.1f} s ({written / 2**20:,.1f} MiB)"
+        )
 
 
-def _save(run: Run, *, final: bool) -> None:
+def _save(run: Run, *, final: bool) -> Path:
     cfg, state = run.cfg, run.state
-    local = _local_state(run.loader, run.positions)
+    local = state_dicts(rank_state(run))
     if final:  # proof for tests and users that the frozen decoder never changed
         local["decoder_digest"] = checkpoint.decoder_digest(run.model.baseline_decoder)
     global_state = {
-        "step": state.step,
-        "scheduler": run.eng.scheduler.state_dict(),
-        "nonfinite_total": state.nonfinite_total,
-        "nonfinite_run": state.nonfinite_run,
+        **state_dicts(shared_state(run)),
         "fingerprint": checkpoint.fingerprint(run.model, cfg),
         "config": cfg.to_dict(),
     }
-    checkpoint.save(
+    return checkpoint.save(
         Path(cfg.train.run_dir) / "checkpoints",
         state.step,
         run.eng,
@@ -581,19 +599,31 @@ def _save(run: Run, *, final: bool) -> None:
 def _export(run: Run) -> None:
     """``run_dir/export``: the consolidated trainable part (``save_pretrained`` of the variant: for the
     default, the coprocessor + soft tokens), loadable with ``variants.load_pretrained(dir, decoder=...)``
-    (``CacheAugmentedLM.from_pretrained`` for the default) without DeepSpeed. Collective."""
-    from .engine import gathered
+    (``CacheAugmentedLM.from_pretrained`` for the default) without DeepSpeed. Collective.
 
-    run_dir = Path(run.cfg.train.run_dir)
+    A variant with ``streamed_export`` is written one parameter at a time (``engine.streaming_writer``):
+    no GPU ever holds the whole coprocessor. Every rank runs the same ``save_pretrained`` so that every
+    rank makes the same gathers; the others write their small files into a scratch directory."""
+    from .engine import gathered, streaming_writer
+
+    run_dir, main = Path(run.cfg.train.run_dir), run.env.is_main
     tmp, final = run_dir / ".tmp-export", run_dir / "export"
-    with gathered(run.eng.engine.module):
-        if run.env.is_main:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            run.model.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(run.model, "streamed_export", False):
+        write = streaming_writer(main)
+        if main:
+            run.model.save_pretrained(tmp, write)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                run.model.save_pretrained(scratch, write)
+    else:  # saved through Hugging Face's save_pretrained: the whole module gathered first
+        with gathered(run.eng.engine.module):
+            if main:
+                run.model.save_pretrained(tmp)
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
     distributed.barrier()
     run.log.message(f"exported the coprocessor to {final} (decoder: {run_dir / 'decoder'})")
 

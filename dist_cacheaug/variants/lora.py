@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..core.model import (
@@ -19,9 +19,11 @@ from ..core.model import (
     SOFT_TOKENS_NAME,
     WEIGHTS_NAME,
     CacheAugmentedLM,
+    TensorFileWriter,
     as_coprocessor,
     device_of,
     read_export_meta,
+    save_tensors,
 )
 
 ADAPTER_MARK = "lora_"
@@ -72,18 +74,16 @@ class LoraCoprocessorLM(CacheAugmentedLM):
         return dict(self.lora)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.coprocessor.state_dict().items() if ADAPTER_MARK in k}
+        return {k: v for k, v in self.coprocessor.state_dict(keep_vars=True).items() if ADAPTER_MARK in k}
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, write_tensors: TensorFileWriter | None = None) -> None:
+        write = write_tensors or save_tensors
         directory = Path(directory)
         cop_dir = directory / COPROCESSOR_DIR
         cop_dir.mkdir(parents=True, exist_ok=True)
         self.coprocessor.config.save_pretrained(cop_dir)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.adapter_state().items()},
-            str(cop_dir / WEIGHTS_NAME),
-        )
-        self.save_soft_tokens(directory)
+        write(cop_dir / WEIGHTS_NAME, self.adapter_state())
+        self.save_soft_tokens(directory, write)
         self.write_meta(directory)
 
     @classmethod

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from ..core.model import (
     SOFT_TOKENS_NAME,
     CacheAugmentedLM,
+    TensorFileWriter,
     device_of,
     read_export_meta,
 )
@@ -37,10 +38,10 @@ class PauseTokensLM(NoCoprocessor, CacheAugmentedLM):
     def latents_for_cache(self, cache: DynamicCache, batch: int, attention_mask=None) -> torch.Tensor:
         return self.soft_tokens[None].expand(batch, -1, -1)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, write_tensors: TensorFileWriter | None = None) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.save_soft_tokens(directory)
+        self.save_soft_tokens(directory, write_tensors)
         self.write_meta(directory)
 
     @classmethod

@@ -66,6 +66,8 @@ class SingleModelLM(NoCoprocessor, CacheAugmentedLM):
     def token_ce(self, hidden_mh, targets_m):
         return head_cross_entropy(self.lm, hidden_mh, targets_m)
 
+    streamed_export = False  # the decoder goes through Hugging Face's save_pretrained
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

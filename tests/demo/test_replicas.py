@@ -10,7 +10,7 @@ import pytest
 from dist_cacheaug.config import ConfigError
 from dist_cacheaug.demo import pipeline, replicas
 from dist_cacheaug.demo.pipeline import Layout, load_budget, replica_budget, stage_base, stamp_budget
-from dist_cacheaug.demo.report import aggregate
+from dist_cacheaug.demo.report import aggregate, headline, report_markdown
 
 
 def test_replica_budget_reseeds_the_base_and_the_runs():
@@ -112,3 +112,85 @@ def test_summary_counts_each_check_over_replicas():
 def test_replicas_option_is_validated():
     with pytest.raises(ConfigError, match="--replicas must be >= 1"):
         pipeline.main(["--budget", "micro", "--replicas", "0"])
+
+
+def _published(tmp_path, per: list[dict]) -> None:
+    s = replicas.summarize(per, load_budget("quick"), "cacheaug demo --replicas 3")
+    (tmp_path / "replicas_quick.json").write_text(json.dumps(s))
+
+
+def test_a_run_report_counts_its_claims_against_the_budget_replicas(tmp_path):
+    base = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]
+    good = [x - 0.1 for x in base]
+    bad = [x + 0.01 * (i % 2) for i, x in enumerate(base)]
+    _published(tmp_path, [_results(0, good), _results(1, bad), _results(2, good)])
+    record = replicas.record_for(load_budget("quick"), tmp_path)
+    assert not record["stale"] and record["replicas"] == 3 and record["source"].endswith("replicas_quick.md")
+    run = _results(0, good)  # this run shows N_L = 16 beating the base, which held in 2 of 3 replicas
+    run["replica_record"] = record
+    shown, _ = headline(run["checks"], 1, record)
+    assert "N_L = 4 and 16 latents lower the held-out answer CE" in shown
+    assert "[held in only N_L = 16: 2 of 3 replicas of this budget: not robust at this scale]" in shown
+    assert headline(run["checks"], 1) == headline(run["checks"], 1, None)  # no record: as before
+    md = report_markdown(run, _meta(), {})
+    assert "| latents_16: held-out answer loss below the frozen base's |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| latents_16: held-out answer loss"))
+    assert row.endswith("| yes | 2 of 3 |")
+    assert "- replicas of this budget: 3 (" in md
+
+
+def test_a_replica_record_of_another_recipe_is_not_used(tmp_path):
+    _published(tmp_path, [_results(0, [1.0] * 6)])
+    edited = load_budget("quick")
+    edited.runs.steps += 1
+    assert replicas.record_for(edited, tmp_path) == {
+        "source": f"{tmp_path.name}/replicas_quick.md",
+        "stale": True,
+    }
+    assert replicas.record_for(load_budget("micro"), tmp_path) is None  # no record for that budget
+    run = _results(0, [1.0] * 6)
+    run["replica_record"] = replicas.record_for(edited, tmp_path)
+    assert "measured on another recipe of it; not used" in report_markdown(run, _meta(), {})
+    assert "held in only" not in " ".join(headline(run["checks"], 1, run["replica_record"]))
+
+
+def test_the_published_quick_record_is_of_the_shipped_quick_recipe():
+    # README's claims about --quick quote docs/replicas_quick.md: editing quick.yaml without measuring it
+    # again would leave every report counting against another recipe.
+    from dist_cacheaug.resources import CHECKOUT
+
+    record = replicas.record_for(load_budget("quick"), CHECKOUT / "docs")
+    assert record is not None and not record["stale"] and record["replicas"] >= 5
+
+
+def _meta() -> dict:
+    return {
+        "command": "cacheaug demo",
+        "budget": "quick",
+        "machine": "test",
+        "date": "2026-12-07",
+        "durations_s": {"total_s": 60.0},
+        "cpu_s": {},
+        "data": "d",
+        "base": "b",
+        "runs": "r",
+        "convention": "refeed",
+        "eval_traces": 10,
+        "tensorboard": "tensorboard --logdir x",
+    }
+
+
+def test_replica_option_runs_one_replica_where_replicas_would_put_it(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(budget, layout, parallel, command, publish):
+        seen.append((budget, layout.run))
+        return {"pngs": [], "tensorboard": "", "checks": [], "seeds": budget.seeds}
+
+    monkeypatch.setattr(pipeline, "run_budget", fake_run)
+    assert pipeline.main(["--budget", "micro", "--run-dir", str(tmp_path), "--replica", "2"]) == 0
+    ((budget, run),) = seen
+    assert budget == replica_budget(load_budget("micro"), 2) and run == tmp_path / "replica_2"
+    for bad in (["--replica", "-1"], ["--replica", "1", "--replicas", "3"]):
+        with pytest.raises(ConfigError, match="--replica must be >= 0 and not combined with --replicas"):
+            pipeline.main(["--budget", "micro", *bad])

@@ -265,6 +265,9 @@ def test_sharded_engine_equals_replicated_two_ranks(tmp_path):
     for rank_results in results:
         for result in rank_results:
             _check_equal_to_replicated(result, 2, 0)
+    assert all(r["weights"][0] for r in results[0]) and not any(
+        r["weights"][0] for r in results[1]
+    )  # rank 0 only
     # both ranks computed the same global numbers
     assert results[0][0]["steps"][2]["sh_grads"].keys() == results[1][0]["steps"][2]["sh_grads"].keys()
 
@@ -281,6 +284,7 @@ def test_sharded_engine_hsdp_four_ranks(tmp_path):
     )
     for rank_results in results:
         _check_equal_to_replicated(rank_results[0], 4, 2)
+    assert results[0][0]["weights"][0] and not results[3][0]["weights"][0]  # consolidated on rank 0 only
 
 
 # ------------------------------------------------------------------------------ 4. cacheaug train

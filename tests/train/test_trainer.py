@@ -241,6 +241,44 @@ def test_checkpoint_of_2_ranks_resumes_on_1_rank(zero3_run, tmp_path):
     assert (run_dir / "export" / "cacheaug_config.json").is_file()
 
 
+def _export_equals_checkpoint(run_dir: Path, ckpt: Path) -> None:
+    """The export (fp32 on CPU) holds exactly the checkpoint's consolidated weights."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model_fp32.safetensors"))
+    exported = {
+        f"coprocessor.{k}": v
+        for k, v in load_file(str(run_dir / "export/coprocessor/model.safetensors")).items()
+    }
+    exported.update(load_file(str(run_dir / "export/soft_tokens.safetensors")))
+    assert exported.keys() == saved.keys()
+    for name, t in saved.items():
+        assert torch.equal(exported[name], t), name
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_elastic_resume_2_to_1_and_1_to_2_ranks_is_exact_in_weights(zero3_run, tmp_path):
+    """The streamed consolidated file carries the weights across world sizes bit for bit: resumed at the
+    checkpoint's own step (no step taken), the export equals the checkpoint."""
+    src, cfg_path, _ = zero3_run
+    one = tmp_path / "one"
+    shutil.copytree(src, one)
+    shutil.rmtree(one / "checkpoints" / "step_000024")
+    proc = run_train(1, cfg_path, f"train.run_dir={one}", "train.max_steps=12", "train.eval_interval=0")
+    assert "elastic: written by 2 rank(s), now 1" in proc.stdout
+    _export_equals_checkpoint(one, one / "checkpoints" / "step_000012")
+    # 1 rank trains 2 steps and checkpoints; 2 ranks resume from it
+    run_train(1, cfg_path, f"train.run_dir={one}", "train.max_steps=14", "train.eval_interval=0")
+    assert latest(one / "checkpoints").name == "step_000014"
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    shutil.rmtree(two / "export")
+    proc = run_train(2, cfg_path, f"train.run_dir={two}", "train.max_steps=14", "train.eval_interval=0")
+    assert "elastic: written by 1 rank(s), now 2" in proc.stdout
+    _export_equals_checkpoint(two, two / "checkpoints" / "step_000014")
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_kill9_then_rerun_resumes_exactly(shards, tmp_path):

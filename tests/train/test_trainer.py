@@ -172,6 +172,17 @@ def test_two_ranks_zero3_loss_falls_decoder_frozen_export_reloads(zero3_run):
     assert final["val_loss"] < final["val_baseline"]  # the coprocessor helps the frozen decoder
     assert {"val_loss_k1", "val_baseline_k1", "val_loss_k4", "val_baseline_k4"} <= set(final)
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb")).Reload()
+    written = {e.step: e.value for e in tb.Scalars("checkpoint/bytes")}
+    for step in (12, 24):  # every save's size (what meta.json lists) and its time
+        assert written[step] == sum(
+            json.loads((run_dir / "checkpoints" / f"step_{step:06d}" / "meta.json").read_text())[
+                "files"
+            ].values()
+        )
+    assert {e.step for e in tb.Scalars("checkpoint/seconds")} == {12, 24}
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "latest",
         "step_000012",

@@ -245,8 +245,9 @@ def _claims(checks_: list[dict], counts: dict[str, tuple[int, int]] | None = Non
         ns = " and ".join(dict.fromkeys(str(c.get("n")) for c in cs))
         details = ", ".join(c["detail"] for c in cs if c.get("detail"))
         claim = template.format(n=ns, d=details)
-        shaky = [(c, (counts or {})[c["check"]]) for c in cs if c["check"] in (counts or {})]
-        shaky = [(c, h, n) for c, (h, n) in shaky if h < n]
+        counts = counts or {}
+        shaky = [(c, *counts[c.get("check")]) for c in cs if c.get("check") in counts]
+        shaky = [(c, h, n) for c, h, n in shaky if h < n]
         if shaky:
             held = ", ".join(
                 (f"N_L = {c['n']}: " if len(cs) > 1 and c.get("n") else "") + f"{h} of {n}"

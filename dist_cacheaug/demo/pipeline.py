@@ -885,9 +885,7 @@ def print_summary(layout: Layout, results: dict) -> None:
     counts = demo_report.replica_counts(record)
     for c in results["checks"]:
         verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "no ")
-        held = (
-            f" (held in {counts[c['check']][0]} of {counts[c['check']][1]} replicas)"
-            if c["check"] in counts
-            else ""
+        held = demo_report.held_in(counts, c["check"])
+        print(
+            f"  [{verdict}] {c['check']}: {c['measured']}" + (f" (held in {held} replicas)" if held else "")
         )
-        print(f"  [{verdict}] {c['check']}: {c['measured']}{held}")

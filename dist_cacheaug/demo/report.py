@@ -234,6 +234,11 @@ def replica_counts(record: dict | None) -> dict[str, tuple[int, int]]:
     return {name: (c["holds"], n) for name, c in record["checks"].items() if c["decided"]}
 
 
+def held_in(counts: dict[str, tuple[int, int]], check: str) -> str | None:
+    """ "h of n" for a check with a replica count (:func:`replica_counts`), else None."""
+    return f"{counts[check][0]} of {counts[check][1]}" if check in counts else None
+
+
 def _claims(checks_: list[dict], counts: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """Claims in check order, those differing only in N_L merged ("N_L = 4 and 16 ..."); a claim that
     did not hold in every replica of the budget carries the count."""
@@ -391,7 +396,7 @@ def report_markdown(r: dict, meta: dict, descriptions: dict[str, str]) -> str:
     counts = replica_counts(r.get("replica_record"))
     for c in r["checks"]:
         verdict = "n/a" if c["pass"] is None else ("yes" if c["pass"] else "**no**")
-        held = f"{counts[c['check']][0]} of {counts[c['check']][1]}" if c["check"] in counts else "–"
+        held = held_in(counts, c["check"]) or "–"
         lines.append(f"| {c['check']} | {c['measured']} | {verdict} | {held} |")
     lines += ["", "## Runs", ""]
     for name in names:

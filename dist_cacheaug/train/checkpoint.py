@@ -152,7 +152,8 @@ def save(
         tmp.mkdir()
     distributed.barrier()
     error = _attempt(lambda: engine.save(str(tmp)))
-    error = write_consolidated(engine, tmp / WEIGHTS, is_main) or error
+    consolidated = write_consolidated(engine, tmp / WEIGHTS, is_main)  # always: its gathers are collective
+    error = error or consolidated
     states = distributed.all_gather_object(local_state)
     if is_main and error is None:
         error = _attempt(lambda: _write_state(tmp, step, global_state, states))
@@ -184,8 +185,12 @@ def _attempt(write) -> str | None:
     try:
         write()
     except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
+        return _os_error(e)
     return None
+
+
+def _os_error(e: OSError) -> str:
+    return f"{type(e).__name__}: {e.strerror or e}"
 
 
 def write_consolidated(engine, path: Path, is_main: bool) -> str | None:
@@ -197,13 +202,13 @@ def write_consolidated(engine, path: Path, is_main: bool) -> str | None:
         try:
             writer = SafetensorsWriter(path, specs)
         except OSError as e:
-            error = f"{type(e).__name__}: {e.strerror or e}"
+            error = _os_error(e)
     for name, tensor in engine.fp32_to_main(tensor_order(specs)):
         if writer is not None and error is None:
             try:
                 writer.write(name, tensor)
             except OSError as e:
-                error = f"{type(e).__name__}: {e.strerror or e}"
+                error = _os_error(e)
         del tensor
     if writer is not None:
         error = error or _attempt(writer.close)

@@ -268,10 +268,8 @@ class Engine:
         main = not dist.is_initialized() or dist.get_rank() == 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         sharded = [p for p in params.values() if hasattr(p, "ds_id") and p.requires_grad]
-        buffer = None
-        if main and world > 1 and sharded:
-            biggest = max(p.partition_numel() for p in sharded) * world
-            buffer = torch.empty(biggest, dtype=torch.float32, device=sharded[0].ds_tensor.device)
+        fp32 = (torch.float32, [(p.partition_numel(), p.ds_tensor.device) for p in sharded])
+        buffer = _receive_buffers([fp32], world).get(torch.float32) if main else None
         for name in names:
             p = params[name]
             local = safe_get_local_fp32_param(p) if hasattr(p, "ds_id") else None
@@ -290,6 +288,21 @@ class Engine:
         """Every fp32 master weight at once, on rank 0 (empty elsewhere): for tests and small models only;
         checkpoints stream :meth:`fp32_to_main` instead. Collective."""
         return {n: t.clone() for n, t in self.fp32_to_main(sorted(self.fp32_specs())) if t is not None}
+
+
+def _receive_buffers(
+    partitions: Iterable[tuple[torch.dtype, list[tuple[int, torch.device]]]], world: int
+) -> dict[torch.dtype, torch.Tensor]:
+    """Rank 0's receive buffers, one per dtype, each the size of the largest parameter's partitions put
+    together (``(dtype, [(partition numel, device), ...])`` per group of parameters). Every parameter is
+    received into it in turn: one allocation, where a fresh buffer per parameter fragments the heap.
+    None needed on one rank: the local partition is the whole parameter."""
+    largest: dict[torch.dtype, tuple[int, torch.device]] = {}
+    for dtype, parts in partitions:
+        for numel, device in parts:
+            if world > 1 and numel * world > largest.get(dtype, (0, None))[0]:
+                largest[dtype] = (numel * world, device)
+    return {d: torch.empty(n, dtype=d, device=dev) for d, (n, dev) in largest.items()}
 
 
 def _gather_partitions_to_main(local: torch.Tensor, numel: int, shape, buffer) -> torch.Tensor | None:
@@ -334,14 +347,10 @@ def streaming_writer(is_main: bool) -> TensorFileWriter:
     def write(path, tensors: dict[str, torch.Tensor]) -> None:
         specs = {n: (t.dtype, tuple(getattr(t, "ds_shape", t.shape))) for n, t in tensors.items()}
         writer = SafetensorsWriter(path, specs) if is_main else None
-        sharded = [t for t in tensors.values() if hasattr(t, "ds_id")]
-        buffers: dict[torch.dtype, torch.Tensor] = {}
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if is_main and world > 1:
-            for t in sharded:
-                size = t.ds_tensor.numel() * world
-                if t.dtype not in buffers or buffers[t.dtype].numel() < size:
-                    buffers[t.dtype] = torch.empty(size, dtype=t.dtype, device=t.ds_tensor.device)
+        sharded = [t for t in tensors.values() if hasattr(t, "ds_id")]
+        groups = [(t.dtype, [(t.ds_tensor.numel(), t.ds_tensor.device)]) for t in sharded]
+        buffers = _receive_buffers(groups, world) if is_main else {}
         for name in tensor_order(specs):
             t = tensors[name]
             if hasattr(t, "ds_id"):

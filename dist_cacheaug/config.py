@@ -152,6 +152,17 @@ class TrainConfig:
     #: Seed for model init, soft tokens and augmentation-position sampling.
     max_nonfinite_steps: int = 5
     #: Consecutive non-finite losses tolerated (each skipped and counted) before the run aborts.
+    hang_timeout_s: float | None = None
+    #: Seconds after the last completed step before a rank that made no progress writes every thread's
+    #: stack to run_dir/hang/rank-N.txt, names the rank(s) behind, and exits 75 (the launcher stops the
+    #: other ranks; slurm/train.sbatch requeues). null: 10x the median of this process's first 10 steps,
+    #: at least 300 s; 0: no watchdog.
+    hang_slow_phase_s: float = 1800.0
+    #: The watchdog's limit for what is not a training step: start-up until the first step completes
+    #: (compiling, on GPU), validation, checkpoints and the export.
+    collective_timeout_s: float = 1800.0
+    #: A collective (all-reduce, gather, barrier) that waits longer fails: the process group's timeout
+    #: (and DeepSpeed's), with NCCL's async error handling on GPU. It ends like a hang (report, exit 75).
 
 
 @dataclass
@@ -482,6 +493,16 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.hang_timeout_s is not None and t.hang_timeout_s < 0:
+        raise ConfigError(
+            f"train.hang_timeout_s must be >= 0 (0: no watchdog) or null, got {t.hang_timeout_s}"
+        )
+    for key, value in {
+        "train.hang_slow_phase_s": t.hang_slow_phase_s,
+        "train.collective_timeout_s": t.collective_timeout_s,
+    }.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0 seconds, got {value}")
     if not o.lr > 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if not 0 <= m.anchor_fraction <= 1:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -219,6 +219,9 @@ class _TrainStream(IterableDataset):
         )
         self.base: dict | None = None
         self.batches_consumed = 0
+        #: Called with the 1-based number of each batch this iterator makes, before making it (inside
+        #: the worker that makes it): the trainer's fault injection for tests. Must be picklable.
+        self.before_batch: Callable[[int], None] | None = None
 
     def position(self, stream: int) -> tuple[int, int]:
         k = _batches_of_stream(self.batches_consumed, stream, self.plan.streams) * self.micro_batch_size
@@ -281,7 +284,11 @@ class _TrainStream(IterableDataset):
         skipped: list[str] = []
         samples = self._samples(stream, epoch, offset, skipped)
         mb = self.micro_batch_size
+        made = 0
         while True:
+            made += 1
+            if self.before_batch is not None:
+                self.before_batch(made)
             batch = np.stack([next(samples) for _ in range(mb)]).astype(np.int64)
             report = list(skipped)
             skipped.clear()
@@ -303,9 +310,10 @@ class TrainLoader:
         seq_len: int,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
     ):
         self._ds = dataset
-        self.pin_memory = pin_memory
+        self.pin_memory, self.worker_init_fn = pin_memory, worker_init_fn
         self.num_workers, self.seq_len, self.prefetch_factor = num_workers, seq_len, prefetch_factor
         self.micro_batch_size = dataset.micro_batch_size
         self.rank, self.world_size = dataset.plan.rank, dataset.plan.world_size
@@ -327,6 +335,7 @@ class TrainLoader:
                     prefetch_factor=self.prefetch_factor,
                     pin_memory=self.pin_memory,
                     in_order=True,
+                    worker_init_fn=self.worker_init_fn,
                 )
             )
         self._active = self._consume(source)
@@ -453,8 +462,12 @@ def build_train_loader(
     verify_checksums: bool = True,
     pin_memory: bool = False,
     split: str = "train",
+    worker_init_fn: Callable[[int], None] | None = None,
+    before_batch: Callable[[int], None] | None = None,
 ) -> TrainLoader:
-    """The endless, resumable training loader of one rank (see the module docstring for the order)."""
+    """The endless, resumable training loader of one rank (see the module docstring for the order).
+    ``worker_init_fn``: DataLoader's, run in each worker as it starts (the trainer registers a stack dump
+    there). ``before_batch``: see ``_TrainStream.before_batch``."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
     if micro_batch_size < 1:
@@ -484,7 +497,10 @@ def build_train_loader(
         skip_corrupt=skip_corrupt,
         verify_checksums=verify_checksums,
     )
-    return TrainLoader(ds, num_workers=num_workers, seq_len=seq_len, pin_memory=pin_memory)
+    ds.before_batch = before_batch
+    return TrainLoader(
+        ds, num_workers=num_workers, seq_len=seq_len, pin_memory=pin_memory, worker_init_fn=worker_init_fn
+    )
 
 
 class EvalLoader:

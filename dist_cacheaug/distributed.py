@@ -162,9 +162,11 @@ def process_group_backend(device_type: str) -> str:
     return "gloo"
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> None:
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
     """Initialise ``torch.distributed`` for ``env`` (backend from :func:`process_group_backend`);
-    idempotent."""
+    idempotent. A collective that waits longer than ``timeout_s`` fails instead of waiting forever; on
+    CUDA, NCCL's async error handling (unless set already) raises that failure in the waiting thread
+    (mode 2: abort the communicator, raise) so that the trainer can report it like a hang."""
     if dist.is_initialized():
         return
     # DeepSpeed and torch read these; set them so every launcher looks the same from here on.
@@ -180,12 +182,13 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group(
         backend=process_group_backend(device.type),
         init_method="env://",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(minutes=30),
+        timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
 

@@ -47,11 +47,16 @@ def require_cluster(nodes: int) -> None:
 
 
 def submit(
-    config: Path, run_dir: Path, *sets: str, sbatch: tuple[str, ...] = ("--ntasks-per-node=2",)
+    config: Path,
+    run_dir: Path,
+    *sets: str,
+    sbatch: tuple[str, ...] = ("--ntasks-per-node=2",),
+    environ: dict[str, str] | None = None,
 ) -> str:
     """`sbatch [sbatch...] slurm/train.sbatch CONFIG --set ...`; returns the job id. The job script's
-    log is RUN_DIR/../sbatch-JOB.out. One CPU per task: every test node has only this machine's CPUs."""
-    env = dict(os.environ, CACHEAUG_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    log is RUN_DIR/../sbatch-JOB.out. One CPU per task: every test node has only this machine's CPUs.
+    ``environ``: more variables for the job (sbatch passes the submitter's environment on)."""
+    env = dict(os.environ, CACHEAUG_PYTHON=sys.executable, PYTHONUNBUFFERED="1", **(environ or {}))
     cmd = [
         "sbatch",
         "--parsable",

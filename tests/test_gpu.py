@@ -132,3 +132,27 @@ def test_golden_curve_bf16_flex_gpu_follows_fp32_eager_cpu(shards, tmp_path):
     if out:
         Path(out).write_text(json.dumps({**summary, **{k: v.tolist() for k, v in curves.items()}}))
     assert gap.mean() < GOLDEN_TOLERANCE["mean"] and gap.max() < GOLDEN_TOLERANCE["max"], summary
+
+
+def test_straggler_clock_times_the_decoder_passes_on_the_device():
+    """On GPU the host only queues kernels: the compute phases are timed by CUDA events, so a long
+    matmul chain in ``prefix`` counts as compute even though the host returns at once."""
+    from dist_cacheaug.train.stragglers import PhaseClock
+
+    clock = PhaseClock(torch.device("cuda"))
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    clock.enter("prefix")
+    for _ in range(50):
+        x = (x @ x).tanh()
+    clock.enter("backward")
+    torch.cuda.synchronize()  # the step's device->host sync
+    clock.step_done()
+    _, compute = clock.take()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        x = (x @ x).tanh()
+    end.record()
+    torch.cuda.synchronize()
+    assert compute == pytest.approx(start.elapsed_time(end) / 1000, rel=0.5)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, DynamicCache
 
+from . import phases
 from .augment import AugmentOutput, augment_prompt, soft_token_inputs
 from .cache import clone_cache, read_only_view
 from .generation import generate as decode_loop
@@ -319,8 +320,11 @@ class CacheAugmentedLM(nn.Module):
         Variants (``dist_cacheaug/variants``) replace step (2) and leave (1) and (3) as they are."""
         b, n = input_ids.shape
         positions = check_positions(positions, b, n, num_ahead)
+        phases.enter("prefix")
         cache, hidden = self.prefix_pass(input_ids)
+        phases.enter("coprocessor")
         latents_bpld = self.trace_latents(input_ids, positions, cache, hidden)
+        phases.enter("trace")
         return self.trace_loss(input_ids, positions, latents_bpld, cache, num_ahead)
 
     def prefix_pass(self, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -410,7 +411,9 @@ def build_engine(
         )
     with without_lines(NOTICES):
         deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=cfg.train.collective_timeout_s),
         )
     shards = None
     if cfg.zero.shard_decoder:

@@ -148,7 +148,10 @@ def _tb_name(key: str) -> str:
         return f"val/{key[4:]}"
     if key.startswith("loss"):
         return f"train/{key}"
-    return f"perf/{key}" if key in ("tokens_per_s", "step_time", "mfu", "peak_mem_gib") else f"train/{key}"
+    if key.startswith("straggler_"):
+        return f"straggler/{key[len('straggler_') :]}"
+    perf = ("tokens_per_s", "step_time", "mfu", "peak_mem_gib", "data_wait", "compute_time")
+    return f"perf/{key}" if key in perf else f"train/{key}"
 
 
 def _fmt(v, spec: str) -> str:

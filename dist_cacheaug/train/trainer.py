@@ -12,7 +12,13 @@ the newest checkpoint; :func:`_loop` then repeats :func:`_train_step` (a :class:
 Test hooks (environment variables, read once at start on every rank into :class:`TestHooks`):
 ``CACHEAUG_INJECT_NAN_STEPS=3,4`` makes rank 0's loss NaN at those (1-based) steps;
 ``CACHEAUG_DATA_TRACE=1`` appends a hash of every training sample each rank consumes to
-``run_dir/data_trace/rank<r>.jsonl``.
+``run_dir/data_trace/rank<r>.jsonl``;
+``CACHEAUG_INJECT_SLEEP="rank=1 step=3 phase=trace seconds=600"`` makes a rank sleep (a hang or a
+straggler; :class:`SleepInjection`).
+
+A watchdog thread per rank (``watchdog.py``) ends a rank that stops making progress, and
+``stragglers.py`` reports a rank that is merely slow; both follow the phases the loop (and the model,
+``core.phases``) announce.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +43,7 @@ from data_tools.errors import DataError
 
 from .. import distributed
 from ..config import ConfigError, RunConfig
+from ..core import phases
 from ..core.decoder import build_decoder
 from ..core.model import sample_positions
 from ..data import build_eval_loader, build_train_loader
@@ -45,7 +52,9 @@ from . import checkpoint
 from .estimate import flops_per_sequence
 from .metrics import MetricsLogger, peak_flops, peak_memory_gib
 from .run_state import GeneratorState, ProcessRngs, Stateful, load_state_dicts, state_dicts
+from .stragglers import PhaseClock, StragglerReport
 from .validation import eval_samples_for, summarize, validation_sums
+from .watchdog import Watchdog, is_collective_failure
 
 if TYPE_CHECKING:  # engine.py imports DeepSpeed, which must wait until the decoder exists
     from .engine import Engine
@@ -64,11 +73,26 @@ def train(cfg: RunConfig) -> None:
     env = distributed.resolve()
     inputs = check_data(cfg)  # before any rendezvous: missing shards or tokenizer fail at once, on every rank
     device = distributed.device_for(env)
-    distributed.init_process_group(env, device)
-    try:  # errors a user can fix (checkpoint, data, aborted run) reach the CLI, which prints one line
-        _train(cfg, env, device, inputs)
+    t = cfg.train
+    watch = Watchdog(
+        Path(t.run_dir),
+        env.rank,
+        env.world_size,
+        timeout_s=t.hang_timeout_s,
+        slow_phase_s=t.hang_slow_phase_s,
+    ).start()  # from here: a rendezvous, start-up or step that never ends becomes a report and an exit
+    try:
+        distributed.init_process_group(env, device, timeout_s=t.collective_timeout_s)
+        try:  # errors a user can fix (checkpoint, data, aborted run) reach the CLI, which prints one line
+            _train(cfg, env, device, inputs, watch)
+        except Exception as e:
+            if is_collective_failure(e):
+                watch.collective_failed(e)  # the hang report and exit: no clean-up collective can finish now
+            raise
+        finally:
+            distributed.destroy()
     finally:
-        distributed.destroy()
+        watch.close()
 
 
 @dataclass(frozen=True)
@@ -148,17 +172,69 @@ class TestHooks:
 
     nan_steps: frozenset[int] = frozenset()  # 1-based steps whose loss rank 0 makes NaN
     trace: _DataTrace | None = None
+    sleep: SleepInjection | None = None  # of this rank
 
     @classmethod
     def from_env(cls, run_dir: Path, rank: int, environ: Mapping[str, str] = os.environ) -> TestHooks:
         steps = environ.get("CACHEAUG_INJECT_NAN_STEPS", "")
+        sleep = environ.get("CACHEAUG_INJECT_SLEEP")
+        sleep_hook = SleepInjection.parse(sleep, run_dir) if sleep else None
         return cls(
             nan_steps=frozenset(int(s) for s in steps.split(",") if s.strip()),
             trace=_DataTrace(run_dir, rank) if environ.get("CACHEAUG_DATA_TRACE") else None,
+            sleep=sleep_hook if sleep_hook is not None and sleep_hook.rank == rank else None,
         )
 
     def inject_nan(self, step: int, rank: int) -> bool:
         return rank == 0 and step in self.nan_steps
+
+
+def injected_sleep(seconds: float) -> None:
+    """The frame a test finds in the hang report."""
+    time.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class SleepInjection:
+    """Test hook ``CACHEAUG_INJECT_SLEEP="rank=R step=S phase=P seconds=X"``: rank R sleeps X seconds on
+    entering phase P (a ``watchdog.PHASE_ORDER`` name) of step S, once per run directory (a marker
+    file), so that the requeued run goes on; ``step=all``: at every step (a straggler).
+    ``phase=worker``: inside the data worker, before it makes its S-th batch."""
+
+    rank: int
+    step: int | None  # None: every step
+    phase: str
+    seconds: float
+    marker: str  # created by the first sleep of a one-off injection
+
+    @classmethod
+    def parse(cls, text: str, run_dir: Path) -> SleepInjection:
+        fields = dict(kv.split("=", 1) for kv in text.split())
+        step = fields.get("step", "all")
+        return cls(
+            rank=int(fields["rank"]),
+            step=None if step == "all" else int(step),
+            phase=fields["phase"],
+            seconds=float(fields["seconds"]),
+            marker=str(run_dir / ".injected-sleep"),
+        )
+
+    def _due(self) -> bool:
+        if self.step is None:
+            return True
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def at_phase(self, step: int, phase: str) -> None:
+        if phase == self.phase and self.step in (None, step) and self._due():
+            injected_sleep(self.seconds)
+
+    def __call__(self, batch: int) -> None:  # the loader's before_batch, in the worker
+        if self.phase == "worker" and self.step in (None, batch) and self._due():
+            injected_sleep(self.seconds)
 
 
 @dataclass
@@ -179,9 +255,15 @@ class Run:
     hooks: TestHooks = field(default_factory=TestHooks)
     state: TrainState = field(default_factory=TrainState)
     stop: StopSignal = field(default_factory=StopSignal)
+    watch: Watchdog | None = None  # this rank's hang watchdog
+    clock: PhaseClock | None = None  # this rank's data-wait and compute seconds, for the straggler report
+    stragglers: StragglerReport | None = None
+    unlisten: list[Callable[[], None]] = field(default_factory=list)  # ends each core.phases listener
 
     def close(self) -> None:
         self.stop.uninstall()
+        for stop_listening in self.unlisten:
+            stop_listening()
         self.loader.close()
         self.log.close()
 
@@ -283,8 +365,10 @@ def _restore(run: Run, loaded: checkpoint.Loaded) -> None:
     )
 
 
-def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck) -> None:
-    run = _start(cfg, env, device, inputs)
+def _train(
+    cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck, watch: Watchdog
+) -> None:
+    run = _start(cfg, env, device, inputs, watch)
     run.stop.install()
     try:
         _loop(run)
@@ -292,7 +376,9 @@ def _train(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, input
         run.close()
 
 
-def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck) -> Run:
+def _start(
+    cfg: RunConfig, env: distributed.DistEnv, device: torch.device, inputs: DataCheck, watch: Watchdog
+) -> Run:
     """Build (or rebuild, on resume) everything the loop needs, in the order that matters."""
     from .engine import build_engine  # the DeepSpeed import happens here, after the decoder exists
 
@@ -323,6 +409,7 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, input
     distributed.barrier()
 
     # 3. Engine, data, state; then the checkpoint's state on top.
+    hooks = TestHooks.from_env(run_dir, rank)
     run = Run(
         cfg=cfg,
         env=env,
@@ -339,6 +426,8 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, input
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             skip_corrupt=cfg.data.skip_corrupt_shards,
+            worker_init_fn=watch.worker_init(),
+            before_batch=hooks.sleep,
         ),
         positions=torch.Generator().manual_seed(_seed(cfg.train.seed, 1, rank)),
         log=MetricsLogger(
@@ -351,8 +440,15 @@ def _start(cfg: RunConfig, env: distributed.DistEnv, device: torch.device, input
         ),
         accum=cfg.grad_accum_steps(world),
         anchor_id=inputs.anchor_id,
-        hooks=TestHooks.from_env(run_dir, rank),
+        hooks=hooks,
+        watch=watch,
+        clock=PhaseClock(device),
+        stragglers=StragglerReport(rank, world, device),
     )
+    run.unlisten.append(phases.listen(run.clock.enter))
+    if hooks.sleep is not None:
+        sleep = hooks.sleep
+        run.unlisten.append(phases.listen(lambda name: sleep.at_phase(watch.step + 1, name)))
     if run.eng.decoder_shards is not None and env.is_main:
         run.log.message(run.eng.decoder_shards.describe(next(decoder.parameters()).element_size()))
     if loaded is not None:
@@ -423,12 +519,18 @@ def _loop(run: Run) -> None:
     batches = iter(run.loader)
     speed = Throughput.of(run)
     run.eng.train(True)
+    if run.watch is not None:
+        run.watch.step = state.step
     while state.step < t.max_steps:
         start = time.perf_counter()
         lr = run.eng.lr  # the rate this step's update uses (the scheduler moves it after the update)
         result = _train_step(run, batches)
         state.advance(result, t.max_nonfinite_steps)
         step_time = time.perf_counter() - start
+        if run.watch is not None:
+            run.watch.step_done(state.step, step_time)
+        if run.clock is not None:
+            run.clock.step_done()
         done = state.step == t.max_steps
         stopping = result.stop and not done
         validation = _evaluate(run) if _evaluation_due(run.cfg, state.step) else {}
@@ -457,6 +559,7 @@ def _train_step(run: Run, batches: Iterator[dict]) -> StepResult:
     sums = torch.zeros(na + 3, dtype=torch.float64, device=device)
     applied = None
     for micro in range(run.accum):
+        phases.enter("data")
         ids = next(batches)["input_ids"]
         if run.hooks.trace is not None:
             run.hooks.trace.record(step, micro, ids)
@@ -471,15 +574,18 @@ def _train_step(run: Run, batches: Iterator[dict]) -> StepResult:
             anchor_mask=None if run.anchor_id is None else ids == run.anchor_id,
             anchor_fraction=cfg.model.anchor_fraction,
         )
-        out = eng.forward(ids, positions, na)
+        out = eng.forward(ids, positions, na)  # announces prefix, coprocessor, trace (core.phases)
         loss = out.loss * float("nan") if inject_nan else out.loss
+        phases.enter("backward")
         eng.backward(loss)  # a non-finite loss gives non-finite gradients: DeepSpeed drops that update
+        phases.enter("optimizer")
         applied = eng.step()
         loss = loss.detach()
         sums[:na] += out.loss_per_offset.detach().to(sums)
         sums[na] += loss.to(sums)
         sums[na + 1] += (~torch.isfinite(loss)).to(sums)
     sums[na + 2] = float(run.stop.received is not None)
+    phases.enter("sync")
     distributed.all_reduce_(sums)
     host = sums.tolist()  # the step's one device->host transfer
     n = run.accum * max(1, run.env.world_size)
@@ -506,7 +612,13 @@ def _evaluation_due(cfg: RunConfig, step: int) -> bool:
 
 
 def _log_step(run: Run, result: StepResult, lr: float, speed: dict, validation: dict) -> None:
-    run.log.log(run.state.step, {**_step_metrics(run, result, lr, speed), **validation})
+    phases.enter("log")
+    slow, warning = (
+        ({}, None) if run.stragglers is None else run.stragglers.metrics(run.clock, speed["step_time"])
+    )
+    run.log.log(run.state.step, {**_step_metrics(run, result, lr, speed), **slow, **validation})
+    if warning is not None:
+        run.log.message(warning)
 
 
 def _step_metrics(run: Run, result: StepResult, lr: float, speed: dict) -> dict:
@@ -531,6 +643,7 @@ def _min_over_ranks(value: int, device: torch.device) -> int:
 def _evaluate(run: Run) -> dict:
     """Validation loss per offset, augmented and baseline, over every rank's share (collective)."""
     cfg, env, device = run.cfg, run.env, run.device
+    phases.enter("validation")
     n_samples = eval_samples_for(cfg, env.world_size)
     mine = len(
         build_eval_loader(
@@ -562,6 +675,7 @@ def _evaluate(run: Run) -> dict:
 
 # ---- checkpoint and export -------------------------------------------------------------------------
 def _checkpoint(run: Run, *, final: bool) -> None:
+    phases.enter("checkpoint")
     saving = time.perf_counter()
     path = _save(run, final=final)
     seconds = time.perf_counter() - saving
@@ -606,6 +720,7 @@ def _export(run: Run) -> None:
     rank makes the same gathers; the others write their small files into a scratch directory."""
     from .engine import gathered, streaming_writer
 
+    phases.enter("export")
     run_dir, main = Path(run.cfg.train.run_dir), run.env.is_main
     tmp, final = run_dir / ".tmp-export", run_dir / "export"
     if main:

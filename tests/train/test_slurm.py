@@ -5,6 +5,7 @@ Several nodes: test_slurm_multinode.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -127,4 +128,35 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(one_node_job, tm
     check_resumed(log, (run_dir / "logs" / f"job-{job_id}.task-0.out").read_text())
     first, second = starts(log)
     assert first["port"] != second["port"]  # the restart count is part of the port
+    assert_same_metrics(run_dir, reference_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_hung_job_dumps_exits_requeues_resumes_and_matches(one_node_job, tmp_path):
+    """Rank 1 sleeps in the trace pass of step 6 (after the checkpoint of step 4): the watchdog ends both
+    ranks with 75, the script requeues, the new job resumes from step 4 and ends like the reference."""
+    _, config, reference_dir = one_node_job
+    run_dir = tmp_path / "run"
+    job_id = submit(
+        config,
+        run_dir,
+        *SETS,
+        "train.hang_timeout_s=8",
+        sbatch=(
+            "--nodes=1",
+            "--ntasks-per-node=2",
+        ),
+        environ={"CACHEAUG_INJECT_SLEEP": "rank=1 step=6 phase=trace seconds=900"},
+    )
+    info = wait_done(job_id, restarts=1)
+    log = (run_dir.parent / f"sbatch-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert re.search(r"training exited with \d+ at checkpoint step 4 of 16", log), log
+    assert "a rank hung (stacks: " in log and f"requeueing job {job_id} to resume from step 4" in log
+    head = json.loads((run_dir / "hang" / "rank-1.txt").read_text().splitlines()[0])
+    assert (head["step"], head["phase"]) == (6, "trace")
+    rank0 = (run_dir / "logs" / f"job-{job_id}.task-0.out").read_text()
+    assert "behind: rank(s) 1 (step 6, phase trace)" in rank0
+    assert re.search(r"resum\w* .*step_0*4\b", rank0), rank0[-2000:]
     assert_same_metrics(run_dir, reference_dir)

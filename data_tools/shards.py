@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from . import storage
 from .errors import DataError
+from .storage import DEFAULT_RETRY, Retry
 from .tokenizer import load_tokenizer
 
 MANIFEST_NAME = "manifest.json"
@@ -81,22 +83,26 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- manifest
-def read_manifest(shard_dir: str) -> dict[str, Any]:
-    """Load and check ``shard_dir/manifest.json``; errors name the directory and the field."""
+def read_manifest(shard_dir: str, retry: Retry = DEFAULT_RETRY) -> dict[str, Any]:
+    """Load and check ``shard_dir/manifest.json`` (a directory or a URL, ``storage``); errors name the
+    directory and the field."""
     shard_dir = os.fspath(shard_dir)
-    if not os.path.isdir(shard_dir):
+    if not storage.is_remote(shard_dir) and not os.path.isdir(shard_dir):
         raise DataError(f"shard directory {shard_dir!r} does not exist")
-    path = os.path.join(shard_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise DataError(
-            f"{shard_dir!r} has no {MANIFEST_NAME} (not a finished shard directory; "
-            "create one with `python -m data_tools make-shards`)"
-        )
+    path = storage.join(shard_dir, MANIFEST_NAME)
+    missing = DataError(
+        f"{storage.shown(shard_dir)!r} has no {MANIFEST_NAME} (not a finished shard directory; "
+        "create one with `python -m data_tools make-shards`)"
+    )
+    if not storage.is_remote(shard_dir) and not os.path.isfile(path):
+        raise missing
     try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read manifest: {e}") from e
+        m = json.loads(storage.read_bytes(path, retry=retry))
+    except FileNotFoundError:
+        raise missing from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{storage.shown(path)}: cannot read manifest: {e}") from e
+    path = storage.shown(path)
 
     def bad(field, why):
         return DataError(f"{path}: field {field!r} {why}")
@@ -158,8 +164,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_shard(path: str, entry: dict, *, seq_len: int, dtype: str, verify_checksum: bool = True) -> list:
+def read_shard(
+    path: str,
+    entry: dict,
+    *,
+    seq_len: int,
+    dtype: str,
+    verify_checksum: bool = True,
+    retry: Retry = DEFAULT_RETRY,
+) -> list:
     """All samples of one shard as numpy arrays (dtype as stored), checked against its manifest entry.
+    ``path``: a file or a URL (``storage``; remote reads are retried by ``retry``).
 
     Raises DataError naming the shard when it is missing, has the wrong size or sha256, does not parse
     as a tar, or holds a sample with the wrong key, field or length. Uses webdataset's tar iterators.
@@ -168,10 +183,10 @@ def read_shard(path: str, entry: dict, *, seq_len: int, dtype: str, verify_check
 
     name = entry["name"]
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(path, size=entry["bytes"], retry=retry)
     except OSError as e:
-        raise DataError(f"shard {path!r} is missing or unreadable: {e}") from e
+        raise DataError(f"shard {storage.shown(path)!r} is missing or unreadable: {e}") from e
+    path = storage.shown(path)
     if len(data) != entry["bytes"]:
         raise DataError(f"shard {path!r} is corrupt: {len(data)} bytes, manifest says {entry['bytes']}")
     if verify_checksum and hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -403,7 +418,7 @@ def verify_shards(shard_dir: str, *, workers: int | None = None, progress: bool 
     """Check every shard against the manifest. Returns {"ok", "checked", "problems": [message...]}."""
     m = read_manifest(shard_dir)
     jobs = [
-        (os.path.join(shard_dir, e["name"]), e, m["seq_len"], m["dtype"], m["tokenizer"].get("vocab_size"))
+        (storage.join(shard_dir, e["name"]), e, m["seq_len"], m["dtype"], m["tokenizer"].get("vocab_size"))
         for split in m["splits"].values()
         for e in split["shards"]
     ]
@@ -440,7 +455,7 @@ def inspect_shards(
     m = read_manifest(shard_dir)
     t = m["tokenizer"]
     lines = [
-        f"shard dir   {shard_dir}",
+        f"shard dir   {storage.shown(os.fspath(shard_dir))}",
         f"seq_len     {m['seq_len']}   dtype {m['dtype']}   documents {m['total_documents']}   "
         f"tokens {m['total_tokens']:,}",
         f"tokenizer   {t['identity']}  (vocab {t['vocab_size']}, eos {t['eos_id']}, path {t['path']})",
@@ -463,7 +478,7 @@ def inspect_shards(
         except DataError as e:
             lines.append(f"(cannot load tokenizer to decode: {e}; showing ids only)")
         arrs = read_shard(
-            os.path.join(shard_dir, train[0]["name"]), train[0], seq_len=m["seq_len"], dtype=m["dtype"]
+            storage.join(shard_dir, train[0]["name"]), train[0], seq_len=m["seq_len"], dtype=m["dtype"]
         )
         eos_rate = float(np.mean([np.count_nonzero(a == t["eos_id"]) for a in arrs])) if arrs else 0.0
         lines.append(f"first shard: {eos_rate:.2f} EOS (document ends) per sample on average")

@@ -106,6 +106,14 @@ class DataConfig:
     #: Samples in the streaming shuffle buffer.
     skip_corrupt_shards: bool = False
     #: False: a corrupt shard stops the run with an error naming it. True: skip it and count it in metrics.
+    prefetch_shards: int = 1
+    #: Shards each loader stream reads ahead in background threads while it consumes the current one
+    #: (memory: this many shards more per stream). 0: read each shard when it is needed.
+    read_retries: int = 5
+    #: Reads of a remote shard or manifest (s3://, gs://, https://, pipe:) before one error names it;
+    #: transient failures (connection reset, timeout, 5xx, a short read) back off 0.5 s, 1 s, 2 s, ...
+    read_timeout_s: float = 120.0
+    #: Seconds one read of one remote file may take before it counts as failed (and is retried).
 
 
 @dataclass
@@ -480,6 +488,7 @@ def validate(cfg: RunConfig) -> None:
         "train.log_interval": t.log_interval,
         "train.checkpoint_interval": t.checkpoint_interval,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "data.read_retries": cfg.data.read_retries,
     }
     for key, value in positive.items():
         if value < 1:
@@ -488,6 +497,7 @@ def validate(cfg: RunConfig) -> None:
         "train.eval_interval": t.eval_interval,
         "optim.warmup_steps": o.warmup_steps,
         "data.num_workers": cfg.data.num_workers,
+        "data.prefetch_shards": cfg.data.prefetch_shards,
         "optim.grad_clip": o.grad_clip,
         "optim.weight_decay": o.weight_decay,
     }.items():
@@ -498,6 +508,7 @@ def validate(cfg: RunConfig) -> None:
             f"train.hang_timeout_s must be >= 0 (0: no watchdog) or null, got {t.hang_timeout_s}"
         )
     for key, value in {
+        "data.read_timeout_s": cfg.data.read_timeout_s,
         "train.hang_slow_phase_s": t.hang_slow_phase_s,
         "train.collective_timeout_s": t.collective_timeout_s,
     }.items():

@@ -42,14 +42,17 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools import storage
 from data_tools.errors import DataError
 from data_tools.shards import read_manifest, read_shard
+from data_tools.storage import DEFAULT_RETRY, Retry
 
 __all__ = [
     "DataError",
@@ -65,22 +68,58 @@ STATE_VERSION = 1
 
 
 class _Shard:
-    """One shard file and its manifest entry (picklable; what workers need to read it)."""
+    """One shard file (or URL) and its manifest entry (picklable; what workers need to read it)."""
 
-    def __init__(self, path: str, entry: dict, seq_len: int, dtype: str):
-        self.path, self.entry, self.seq_len, self.dtype = path, entry, seq_len, dtype
+    def __init__(self, path: str, entry: dict, seq_len: int, dtype: str, retry: Retry = DEFAULT_RETRY):
+        self.path, self.entry, self.seq_len, self.dtype, self.retry = path, entry, seq_len, dtype, retry
         self.num_samples = int(entry["num_samples"])
 
     def read(self, verify_checksum: bool = True) -> list[np.ndarray]:
         return read_shard(
-            self.path, self.entry, seq_len=self.seq_len, dtype=self.dtype, verify_checksum=verify_checksum
+            self.path,
+            self.entry,
+            seq_len=self.seq_len,
+            dtype=self.dtype,
+            verify_checksum=verify_checksum,
+            retry=self.retry,
         )
 
 
+class _Prefetcher:
+    """Reads the next ``depth`` shards of a stream in background threads while the current one is
+    consumed, so a remote read overlaps training. Memory: at most ``depth`` shards beyond the current."""
+
+    def __init__(self, depth: int, verify_checksums: bool):
+        self.depth, self.verify = depth, verify_checksums
+        self.pool = ThreadPoolExecutor(depth, thread_name_prefix="shard-prefetch") if depth else None
+        self.pending: dict[int, Future] = {}  # shard index -> its read
+
+    def read(self, shards: list[_Shard], index: int, upcoming) -> list[np.ndarray]:
+        """Shard ``index``'s samples (raising its DataError), after queueing the reads of ``upcoming``."""
+        if self.pool is not None:
+            for i in upcoming[: self.depth]:
+                i = int(i)
+                if i != index and i not in self.pending:
+                    self.pending[i] = self.pool.submit(shards[i].read, self.verify)
+        future = self.pending.pop(index, None)
+        return future.result() if future is not None else shards[index].read(self.verify)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pool.shutdown(wait=False)
+
+
 def _collect_shards(
-    shard_dir: str | os.PathLike | list, split: str, seq_len: int, tokenizer_identity: str | None
+    shard_dir: str | os.PathLike | list,
+    split: str,
+    seq_len: int,
+    tokenizer_identity: str | None,
+    retry: Retry = DEFAULT_RETRY,
 ) -> list[_Shard]:
-    """Shards of ``split`` from one or several directories, checked against the config."""
+    """Shards of ``split`` from one or several directories or URLs (``data_tools.storage``), checked
+    against the config."""
     dirs = (
         [os.fspath(shard_dir)]
         if isinstance(shard_dir, (str, os.PathLike))
@@ -91,8 +130,8 @@ def _collect_shards(
     shards: list[_Shard] = []
     first_identity = None
     for d in dirs:
-        m = read_manifest(d)
-        where = os.path.join(d, "manifest.json")
+        m = read_manifest(d, retry)
+        where = storage.shown(storage.join(d, "manifest.json"))
         if m["seq_len"] != seq_len:
             raise DataError(
                 f"{where}: field 'seq_len' is {m['seq_len']} but the config asks for seq_len={seq_len}"
@@ -111,10 +150,10 @@ def _collect_shards(
                 f"{first_identity[1]!r}); shards made with different tokenizers cannot be mixed"
             )
         for e in m["splits"].get(split, {}).get("shards", []):
-            shards.append(_Shard(os.path.join(d, e["name"]), e, m["seq_len"], m["dtype"]))
+            shards.append(_Shard(storage.join(d, e["name"]), e, m["seq_len"], m["dtype"], retry))
     if not shards:
         hint = " (make-shards --val-fraction/--val-docs creates one)" if split == "val" else ""
-        raise DataError(f"no {split!r} shards in {', '.join(dirs)}{hint}")
+        raise DataError(f"no {split!r} shards in {', '.join(map(storage.shown, dirs))}{hint}")
     return shards
 
 
@@ -209,9 +248,16 @@ class _TrainStream(IterableDataset):
     """The endless batch stream of one rank; inside a DataLoader worker, that worker's share of it."""
 
     def __init__(
-        self, shards, plan: _Plan, *, micro_batch_size: int, skip_corrupt: bool, verify_checksums: bool
+        self,
+        shards,
+        plan: _Plan,
+        *,
+        micro_batch_size: int,
+        skip_corrupt: bool,
+        verify_checksums: bool,
+        prefetch_shards: int = 0,
     ):
-        self.shards, self.plan = shards, plan
+        self.shards, self.plan, self.prefetch_shards = shards, plan, prefetch_shards
         self.micro_batch_size, self.skip_corrupt, self.verify_checksums = (
             micro_batch_size,
             skip_corrupt,
@@ -229,6 +275,15 @@ class _TrainStream(IterableDataset):
         return self.plan.advance(stream, e, off, k)
 
     def _samples(self, stream: int, epoch: int, offset: int, skipped: list[str]) -> Iterator[np.ndarray]:
+        prefetch = _Prefetcher(self.prefetch_shards, self.verify_checksums)
+        try:
+            yield from self._epochs(stream, epoch, offset, skipped, prefetch)
+        finally:
+            prefetch.close()
+
+    def _epochs(
+        self, stream: int, epoch: int, offset: int, skipped: list[str], prefetch: _Prefetcher
+    ) -> Iterator[np.ndarray]:
         plan = self.plan
         while True:
             shard_ids = plan.epoch_shards(epoch, stream)
@@ -251,7 +306,7 @@ class _TrainStream(IterableDataset):
                 while pos >= loaded_upto:
                     shard = self.shards[int(shard_ids[k])]
                     try:
-                        arrays = shard.read(self.verify_checksums)
+                        arrays = prefetch.read(self.shards, int(shard_ids[k]), shard_ids[k + 1 :])
                     except DataError:
                         if not self.skip_corrupt:
                             raise
@@ -464,17 +519,20 @@ def build_train_loader(
     split: str = "train",
     worker_init_fn: Callable[[int], None] | None = None,
     before_batch: Callable[[int], None] | None = None,
+    prefetch_shards: int = 0,
+    retry: Retry = DEFAULT_RETRY,
 ) -> TrainLoader:
     """The endless, resumable training loader of one rank (see the module docstring for the order).
     ``worker_init_fn``: DataLoader's, run in each worker as it starts (the trainer registers a stack dump
-    there). ``before_batch``: see ``_TrainStream.before_batch``."""
+    there). ``before_batch``: see ``_TrainStream.before_batch``. ``prefetch_shards``: shards each stream
+    reads ahead in background threads. ``retry``: how remote reads are retried (``data_tools.storage``)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
     if micro_batch_size < 1:
         raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if num_workers < 0:
         raise DataError(f"num_workers must be >= 0, got {num_workers}")
-    shards = _collect_shards(shard_dir, split, seq_len, tokenizer_identity)
+    shards = _collect_shards(shard_dir, split, seq_len, tokenizer_identity, retry)
     streams = max(1, num_workers)
     if len(shards) < world_size * streams:
         raise DataError(
@@ -496,6 +554,7 @@ def build_train_loader(
         micro_batch_size=micro_batch_size,
         skip_corrupt=skip_corrupt,
         verify_checksums=verify_checksums,
+        prefetch_shards=prefetch_shards,
     )
     ds.before_batch = before_batch
     return TrainLoader(

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import DataError
+from data_tools.storage import Retry
 
 from .. import distributed
 from ..config import ConfigError, RunConfig
@@ -428,6 +429,8 @@ def _start(
             skip_corrupt=cfg.data.skip_corrupt_shards,
             worker_init_fn=watch.worker_init(),
             before_batch=hooks.sleep,
+            prefetch_shards=cfg.data.prefetch_shards,
+            retry=Retry(attempts=cfg.data.read_retries, timeout_s=cfg.data.read_timeout_s),
         ),
         positions=torch.Generator().manual_seed(_seed(cfg.train.seed, 1, rank)),
         log=MetricsLogger(

@@ -18,12 +18,17 @@ A missing file is not retried. Nothing here logs or stores credentials: location
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 PIPE = "pipe:"
@@ -75,10 +80,14 @@ def _storage_options(url: str, timeout_s: float) -> dict:
 
         return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout_s)}}
     if url.startswith("s3://"):
-        # s3fs's own retries off: ours count and back off the same way for every scheme. The endpoint is
+        # botocore's own retries off: ours count and back off the same way for every scheme. The endpoint is
         # botocore's own variable, read here too so that fsspec's cache of filesystems keys on it.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = {"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}}
+        config = {
+            "connect_timeout": timeout_s,
+            "read_timeout": timeout_s,
+            "retries": {"total_max_attempts": 1},
+        }
         return {"config_kwargs": config, **({"endpoint_url": endpoint} if endpoint else {})}
     return {}
 
@@ -97,9 +106,34 @@ def _read_once(location: str, timeout_s: float) -> bytes:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(location, **_storage_options(location, timeout_s))
+        if location.startswith("s3://"):
+            # s3fs retries 5 times on its own (a class attribute, not an option): once here, so attempts,
+            # backoff and the retry warnings are ours and 5 attempts mean 5, not 25.
+            fs.retries = 1
         return fs.cat_file(path)
     with open(location, "rb") as f:
         return f.read()
+
+
+def release_clients() -> None:
+    """Close every remote-filesystem client this process holds. Call it before forking processes that
+    read (the training loader does, before it starts data workers). fsspec's async clients (s3fs, gcsfs,
+    HTTP) are not fork-safe: a child that inherits a live client tears it down through the parent's
+    event loop, whose epoll set it shares, and the parent's next read on those sockets then waits for
+    its whole read timeout (seen: 120 s stalls). Closed here, in the process that owns them, they leave
+    nothing live to inherit; the next read opens a new client."""
+    if "fsspec" not in sys.modules:
+        return
+    from fsspec.asyn import AsyncFileSystem
+
+    classes, seen = [AsyncFileSystem], set()
+    while classes:
+        cls = classes.pop()
+        if cls not in seen:
+            seen.add(cls)
+            cls.clear_instance_cache()
+            classes.extend(cls.__subclasses__())
+    gc.collect()  # runs the clients' finalizers now, which close their sessions on the owning loop
 
 
 def read_bytes(location: str, *, size: int | None = None, retry: Retry = DEFAULT_RETRY) -> bytes:
@@ -110,7 +144,16 @@ def read_bytes(location: str, *, size: int | None = None, retry: Retry = DEFAULT
     last: Exception | None = None
     for attempt in range(1 if local else retry.attempts):
         if attempt:
-            time.sleep(min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1)))
+            wait = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
+            log.warning(
+                "%s: attempt %d of %d failed (%s); retrying in %.2g s",
+                shown(location),
+                attempt,
+                retry.attempts,
+                _one_line(last),
+                wait,
+            )
+            time.sleep(wait)
         try:
             data = _read_once(location, retry.timeout_s)
         except (FileNotFoundError, IsADirectoryError):
@@ -129,7 +172,11 @@ def read_bytes(location: str, *, size: int | None = None, retry: Retry = DEFAULT
             return data
         last = OSError(f"short read: {len(data)} of {size} bytes")
     raise DataError(
-        f"{shown(location)}: unreadable after {retry.attempts} attempts ({type(last).__name__}: "
-        f"{str(last).splitlines()[0][:200] if str(last) else ''}); check the URL, the network and the "
+        f"{shown(location)}: unreadable after {retry.attempts} attempts ({_one_line(last)}); check the URL, the network and the "
         "credentials (data.read_retries sets the attempts)"
     )
+
+
+def _one_line(error: Exception | None) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}"

@@ -374,6 +374,7 @@ class TrainLoader:
         self.rank, self.world_size = dataset.plan.rank, dataset.plan.world_size
         self.corrupt_skipped = 0
         self._fingerprint = _fingerprint(dataset.shards)
+        self._remote = any(storage.is_remote(s.path) for s in dataset.shards)
         self._active = None
 
     # -------------------------------------------------------------------------------- iteration
@@ -382,6 +383,8 @@ class TrainLoader:
         if self.num_workers == 0:
             source = iter(self._ds)
         else:
+            if self._remote:
+                storage.release_clients()  # workers fork: they must not inherit live remote clients
             source = iter(
                 DataLoader(
                     self._ds,

@@ -97,6 +97,23 @@ def test_data_workers_read_from_s3_too(s3, shards):
     assert _same(remote, local)
 
 
+def test_forked_workers_do_not_stall_the_parents_next_reads(s3, shards):
+    """fsspec's async clients are not fork-safe: a data worker that inherited the parent's live S3
+    clients closed them through the parent's event loop, and the parent's next reads on those sockets
+    waited out their read timeout (120 s in training; here a 5 s timeout and one attempt, so a stall
+    is an error). The loader closes its process's clients before it starts workers."""
+    endpoint, url = s3
+    once = Retry(attempts=1, timeout_s=5.0)
+    with FaultProxy(endpoint) as proxy:  # a second endpoint: the parent holds two clients
+        for where in (endpoint, proxy.url, endpoint, proxy.url):
+            with environ({"AWS_ENDPOINT_URL": where}):
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    _batches(url, 6, workers=1, prefetch=0, retry=once)
+                    read_manifest(url, once)
+                    assert time.perf_counter() - t0 < 4.0, f"a read through {where} stalled"
+
+
 def test_manifest_verify_and_eval_loader_accept_urls(s3, shards):
     _, url = s3
     assert read_manifest(url) == read_manifest(shards)
@@ -109,7 +126,9 @@ def test_manifest_verify_and_eval_loader_accept_urls(s3, shards):
 
 # --------------------------------------------------------------------------------------------- faults
 @pytest.mark.parametrize("backend", ["http", "s3"])
-def test_dropped_connection_503_and_slow_server_are_retried_into_identical_samples(s3, shards, backend):
+def test_dropped_connection_503_and_slow_server_are_retried_into_identical_samples(
+    s3, shards, backend, caplog
+):
     endpoint, url = s3
     local, _ = _batches(str(shards), 10)
     with http_server(shards.parent) as base:
@@ -123,6 +142,8 @@ def test_dropped_connection_503_and_slow_server_are_retried_into_identical_sampl
                 )
             assert proxy.faults == []  # every fault was met ...
             assert len(proxy.gets()) >= 5  # ... and each cost a retry
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 4 and all(".tar: attempt" in m for m in retries), retries
     assert _same(remote, local)
 
 

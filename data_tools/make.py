@@ -41,6 +41,7 @@ import numpy as np
 from . import journal
 from .corpus import check_input, expand_inputs, iter_documents
 from .errors import DataError
+from .faults import read_faults
 from .parts import merge_parts
 from .plan import (
     PART_FORMAT,
@@ -122,12 +123,12 @@ class Packer:
 
 
 class _KillHook:
-    """Test hook: ``DATA_TOOLS_TEST_KILL_AT=event:n`` SIGKILLs this process at the n-th ``event``
+    """Fault ``"make_kill_at": "event:n"`` (``faults.py``) SIGKILLs this process at the n-th ``event``
     (sample: a sample written; renamed: a shard renamed, before its journal line; shard: after it;
     unit: after a unit line; done: before the manifest). How the tests kill a run at an exact point."""
 
     def __init__(self):
-        spec = os.environ.get("DATA_TOOLS_TEST_KILL_AT", "")
+        spec = read_faults().get("make_kill_at", "")
         self.event, _, n = spec.partition(":")
         self.left = int(n or 1) if spec else 0
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .config import ConfigError, RunConfig, deepspeed_config, field_docs, load_config
+from .errors import UserError
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -634,23 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
 # one line, `error: <what, naming the file or field, and what to do>`, and exit 2; anything else is a bug
 # and keeps its traceback (as do these with --debug). Named by module so that checking imports nothing: a
 # module that was never imported raised nothing.
-USER_ERRORS = (
-    ("dist_cacheaug.config", "ConfigError"),
-    ("data_tools.errors", "DataError"),
-    ("dist_cacheaug.distributed", "LaunchError"),
-    ("dist_cacheaug.evaluation.inference", "InferenceError"),
-    ("dist_cacheaug.train.checkpoint", "CheckpointError"),
-    ("dist_cacheaug.train.trainer", "TrainingAborted"),
-    ("dist_cacheaug.demo.pipeline", "StageFailed"),
-)
 #: Seconds a rank other than 0 waits before reporting its error: the launcher (deepspeed, torchrun) stops
 #: every rank as soon as one exits, so when rank 0 has the same error, only rank 0's line is printed.
 OTHER_RANK_DELAY_S = 10.0
 
 
 def is_user_error(e: BaseException) -> bool:
-    classes = tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules)
-    return isinstance(e, classes)
+    """Printed as one line (exit 2) rather than a traceback: every subclass of errors.UserError."""
+    return isinstance(e, UserError)
 
 
 def _launch_rank(environ=os.environ) -> int:

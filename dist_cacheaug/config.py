@@ -18,8 +18,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file, field or override is invalid. The message names the key."""
 
 

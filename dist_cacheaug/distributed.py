@@ -26,8 +26,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """The launch environment is unusable (a rank variable missing or not a number, no CUDA where
     ``DS_ACCELERATOR=cuda``); the message names the variable. The CLI exits 2 on it."""
 

@@ -60,6 +60,45 @@ def test_user_errors_print_one_line_from_rank_0_and_bugs_raise(monkeypatch, caps
         cli.main(["train"])
 
 
+def test_every_user_error_class_shares_one_base_and_is_caught_by_type(monkeypatch, capsys):
+    """The CLI catches errors.UserError by type: every error class the package raises for the user
+    derives from it (found by walking the package, so a new one that forgets the base fails here), and
+    a subclass the CLI has never heard of is still one line."""
+    import importlib
+    import pkgutil
+
+    import data_tools.shards  # noqa: F401  (DataError's module family)
+    import dist_cacheaug
+    from dist_cacheaug.errors import UserError
+
+    user_facing = set()
+    for info in pkgutil.walk_packages(dist_cacheaug.__path__, "dist_cacheaug."):
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, Exception)
+                and value.__module__ == info.name
+                and value.__name__.endswith(("Error", "Aborted", "Failed"))
+            ):
+                user_facing.add(value)
+    names = {c.__name__ for c in user_facing}
+    assert {"ConfigError", "LaunchError", "InferenceError", "CheckpointError"} <= names
+    assert {"TrainingAborted", "StageFailed"} <= names
+    assert [c.__name__ for c in user_facing if not issubclass(c, UserError)] == []
+
+    class RenamedLater(UserError):
+        pass
+
+    def boom(_argv):
+        raise RenamedLater("the checkpoint at runs/x is from another model: start a new run_dir")
+
+    monkeypatch.setattr(cli, "_dispatch", boom)
+    monkeypatch.setenv("CACHEAUG_DEBUG", "")
+    assert cli.main(["eval"]) == 2
+    assert capsys.readouterr().err.startswith("error: the checkpoint at runs/x is from another model")
+
+
 def test_other_ranks_wait_then_report_with_their_rank(monkeypatch):
     """Rank 0 prints at once; another rank only after OTHER_RANK_DELAY_S (by then a launcher has stopped
     it if rank 0 failed too), naming itself."""
@@ -206,3 +245,17 @@ def test_without_lines_drops_only_the_named_notices(capsys):
         print("DeepSpeed op built successfully")
         print("kept")
     assert capsys.readouterr().out == "kept\n"
+
+
+def test_the_fault_switch_refuses_unknown_faults_and_bad_json():
+    from data_tools.faults import ENV, FaultSpecError, faults_env, read_faults
+
+    assert read_faults({}) == {} and read_faults({ENV: " "}) == {}
+    assert read_faults(faults_env(nan_steps=[2])) == {"nan_steps": [2]}
+    with pytest.raises(FaultSpecError, match=r"unknown fault\(s\) \['nan_step'\]"):
+        read_faults({ENV: '{"nan_step": [2]}'})
+    with pytest.raises(FaultSpecError, match="is not JSON"):
+        read_faults({ENV: "nan_steps=2"})  # the old variables' syntax
+    with pytest.raises(FaultSpecError, match="must be a JSON object"):
+        read_faults({ENV: "[2]"})
+    assert cli.is_user_error(FaultSpecError("x"))

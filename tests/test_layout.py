@@ -10,17 +10,39 @@ PKG = Path(__file__).resolve().parents[1] / "dist_cacheaug"
 
 # layer -> the layers (top-level names under dist_cacheaug) it may import besides itself
 ALLOWED = {
-    "config": set(),
-    "data": set(),
-    "distributed": set(),
-    "resources": set(),
-    "core": {"config"},
-    "variants": {"config", "core"},
-    "train": {"config", "data", "distributed", "resources", "core", "variants"},
-    "evaluation": {"config", "data", "distributed", "resources", "core", "variants"},
-    "demo": {"config", "data", "distributed", "resources", "core", "variants", "train", "evaluation"},
-    "cli": {"config", "data", "distributed", "resources", "core", "variants", "train", "evaluation", "demo"},
-    "__init__": {"config", "core"},
+    "errors": set(),  # UserError, the base every layer's own error subclasses
+    "config": {"errors"},
+    "data": {"errors"},
+    "distributed": {"errors"},
+    "resources": {"errors"},
+    "core": {"errors", "config"},
+    "variants": {"errors", "config", "core"},
+    "train": {"errors", "config", "data", "distributed", "resources", "core", "variants"},
+    "evaluation": {"errors", "config", "data", "distributed", "resources", "core", "variants"},
+    "demo": {
+        "errors",
+        "config",
+        "data",
+        "distributed",
+        "resources",
+        "core",
+        "variants",
+        "train",
+        "evaluation",
+    },
+    "cli": {
+        "errors",
+        "config",
+        "data",
+        "distributed",
+        "resources",
+        "core",
+        "variants",
+        "train",
+        "evaluation",
+        "demo",
+    },
+    "__init__": {"errors", "config", "core"},
 }
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, build_dataclass
+from ..errors import UserError
 from ..resources import CHECKOUT, repo_file
 
 #: configs/demo/ of the checkout, or the copy an installed wheel carries (``repo_file``).
@@ -254,7 +255,7 @@ class _Job:
         return None
 
 
-class StageFailed(RuntimeError):
+class StageFailed(UserError, RuntimeError):
     """A stage's command stopped on an error a user can fix (it exited 2 with an ``error: ...`` line): the
     CLI prints this one line. Other failures (bugs) are RuntimeErrors with the log's tail."""
 

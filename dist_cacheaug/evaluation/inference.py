@@ -18,11 +18,12 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RunConfig, load_config
 from ..core.model import CONFIG_NAME, CacheAugmentedLM
+from ..errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A checkpoint, decoder, tokenizer or input cannot be used; the message names what and where."""
 
 

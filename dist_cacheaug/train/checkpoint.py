@@ -53,6 +53,7 @@ from safetensors import safe_open
 from .. import distributed
 from ..config import RunConfig
 from ..core.model import decoder_fingerprint
+from ..errors import UserError
 from .tensor_stream import SafetensorsWriter, read_tensors, tensor_order
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -64,7 +65,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used. The message names it; it is left untouched."""
 
 

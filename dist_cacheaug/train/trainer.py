@@ -9,12 +9,9 @@ the newest checkpoint; :func:`_loop` then repeats :func:`_train_step` (a :class:
 :func:`_log_step` and :func:`_checkpoint`. Checkpointing (``checkpoint.py``), monitoring
 (``metrics.py``) and validation (``validation.py``) sit beside it.
 
-Test hooks (environment variables, read once at start on every rank into :class:`TestHooks`):
-``CACHEAUG_INJECT_NAN_STEPS=3,4`` makes rank 0's loss NaN at those (1-based) steps;
-``CACHEAUG_DATA_TRACE=1`` appends a hash of every training sample each rank consumes to
-``run_dir/data_trace/rank<r>.jsonl``;
-``CACHEAUG_INJECT_SLEEP="rank=1 step=3 phase=trace seconds=600"`` makes a rank sleep (a hang or a
-straggler; :class:`SleepInjection`).
+Fault injection for tests comes from one debug switch, ``CACHEAUG_FAULTS`` (``data_tools/faults.py``),
+read once at start on every rank into :class:`TestHooks`: a NaN loss at given steps, a trace of every
+sample consumed, a rank that sleeps in a phase (:class:`SleepInjection`).
 
 A watchdog thread per rank (``watchdog.py``) ends a rank that stops making progress, and
 ``stragglers.py`` reports a rank that is merely slow; both follow the phases the loop (and the model,
@@ -40,6 +37,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import DataError
+from data_tools.faults import read_faults
 from data_tools.storage import Retry
 
 from .. import distributed
@@ -48,6 +46,7 @@ from ..core import phases
 from ..core.decoder import build_decoder
 from ..core.model import sample_positions
 from ..data import build_eval_loader, build_train_loader
+from ..errors import UserError
 from ..variants import build_trainable
 from . import checkpoint
 from .estimate import flops_per_sequence
@@ -61,7 +60,7 @@ if TYPE_CHECKING:  # engine.py imports DeepSpeed, which must wait until the deco
     from .engine import Engine
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """The run cannot continue (e.g. too many non-finite losses in a row)."""
 
 
@@ -167,7 +166,7 @@ class StopSignal:
 
 @dataclass(frozen=True)
 class TestHooks:
-    """Test-only behaviour, from environment variables read once at start (see the module docstring)."""
+    """Test-only behaviour, from the ``CACHEAUG_FAULTS`` switch read once at start (module docstring)."""
 
     __test__ = False  # not a pytest test class
 
@@ -177,13 +176,12 @@ class TestHooks:
 
     @classmethod
     def from_env(cls, run_dir: Path, rank: int, environ: Mapping[str, str] = os.environ) -> TestHooks:
-        steps = environ.get("CACHEAUG_INJECT_NAN_STEPS", "")
-        sleep = environ.get("CACHEAUG_INJECT_SLEEP")
-        sleep_hook = SleepInjection.parse(sleep, run_dir) if sleep else None
+        faults = read_faults(environ)
+        sleep = SleepInjection.parse(faults["sleep"], run_dir) if faults.get("sleep") else None
         return cls(
-            nan_steps=frozenset(int(s) for s in steps.split(",") if s.strip()),
-            trace=_DataTrace(run_dir, rank) if environ.get("CACHEAUG_DATA_TRACE") else None,
-            sleep=sleep_hook if sleep_hook is not None and sleep_hook.rank == rank else None,
+            nan_steps=frozenset(int(s) for s in faults.get("nan_steps", ())),
+            trace=_DataTrace(run_dir, rank) if faults.get("data_trace") else None,
+            sleep=sleep if sleep is not None and sleep.rank == rank else None,
         )
 
     def inject_nan(self, step: int, rank: int) -> bool:
@@ -197,10 +195,10 @@ def injected_sleep(seconds: float) -> None:
 
 @dataclass(frozen=True)
 class SleepInjection:
-    """Test hook ``CACHEAUG_INJECT_SLEEP="rank=R step=S phase=P seconds=X"``: rank R sleeps X seconds on
+    """Fault ``"sleep": {"rank": R, "step": S, "phase": P, "seconds": X}``: rank R sleeps X seconds on
     entering phase P (a ``watchdog.PHASE_ORDER`` name) of step S, once per run directory (a marker
-    file), so that the requeued run goes on; ``step=all``: at every step (a straggler).
-    ``phase=worker``: inside the data worker, before it makes its S-th batch."""
+    file), so that the requeued run goes on; ``"step": "all"``: at every step (a straggler).
+    ``"phase": "worker"``: inside the data worker, before it makes its S-th batch."""
 
     rank: int
     step: int | None  # None: every step
@@ -209,8 +207,7 @@ class SleepInjection:
     marker: str  # created by the first sleep of a one-off injection
 
     @classmethod
-    def parse(cls, text: str, run_dir: Path) -> SleepInjection:
-        fields = dict(kv.split("=", 1) for kv in text.split())
+    def parse(cls, fields: dict, run_dir: Path) -> SleepInjection:
         step = fields.get("step", "all")
         return cls(
             rank=int(fields["rank"]),

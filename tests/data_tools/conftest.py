@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from data_tools import make_shards, train_tokenizer
+from data_tools.faults import faults_env
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial bag".split()
 
@@ -58,7 +59,7 @@ def read_dataset():
 
 
 def _killed_child(kill_at: str, kwargs: dict) -> None:
-    os.environ["DATA_TOOLS_TEST_KILL_AT"] = kill_at
+    os.environ.update(faults_env(make_kill_at=kill_at))
     make_shards(**kwargs)
 
 

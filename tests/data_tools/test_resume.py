@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from data_tools import DataError, make_shards, read_manifest
+from data_tools.faults import faults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # seq_len 32 and 5 samples per shard: ~60 shards; 10 % held out: the val split's open shard spans many
@@ -123,7 +124,7 @@ def test_cli_kill_minus_9_and_run_again(jsonl_corpus, references, read_dataset, 
            "--val-fraction", "0.1", "--workers", "2", "--no-progress"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     killed = subprocess.run(
-        cmd, env={**env, "DATA_TOOLS_TEST_KILL_AT": "shard:2"}, capture_output=True, text=True
+        cmd, env={**env, **faults_env(make_kill_at="shard:2")}, capture_output=True, text=True
     )
     assert killed.returncode == -9, killed.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -1,5 +1,5 @@
 """Hung and slow ranks (train/watchdog.py, train/stragglers.py): the watchdog's limits, reports and exit
-as units, then real 2-rank gloo runs where a test hook (CACHEAUG_INJECT_SLEEP) makes rank 1 sleep inside
+as units, then real 2-rank gloo runs where a fault (CACHEAUG_FAULTS's "sleep") makes rank 1 sleep inside
 the trace pass, inside its data worker, or a little at every step. The SLURM requeue after a hang is in
 test_slurm.py."""
 
@@ -15,6 +15,7 @@ import torch
 from train_helpers import metrics, run_train
 from train_helpers import tiny_run_config as _config
 
+from data_tools.faults import faults_env
 from dist_cacheaug.config import ConfigError, load_config
 from dist_cacheaug.train import stragglers, watchdog
 from dist_cacheaug.train.stragglers import PhaseClock, StragglerReport
@@ -169,15 +170,13 @@ def test_straggler_warning_needs_a_rank_persistently_slow_and_costly():
 
 
 # ------------------------------------------------------------------------------- real 2-rank runs
-def _hung_run(tmp_path, shards, sleep: str, *sets: str):
+def _hung_run(tmp_path, shards, sleep: dict, *sets: str):
     """A 2-rank run in which rank 1 sleeps as ``sleep`` says; (process, seconds from the start of the
     sleep to the end of the run, rank 1's report header)."""
     cfg = _config(tmp_path, shards, max_steps=8)
     run_dir = tmp_path / "run"
     started = time.time()
-    proc = run_train(
-        2, cfg, f"train.hang_timeout_s={HANG_S}", *sets, check=False, CACHEAUG_INJECT_SLEEP=sleep
-    )
+    proc = run_train(2, cfg, f"train.hang_timeout_s={HANG_S}", *sets, check=False, **faults_env(sleep=sleep))
     ended = time.time()
     head = read_header(run_dir / "hang" / "rank-1.txt")
     assert head is not None, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -189,7 +188,9 @@ def _hung_run(tmp_path, shards, sleep: str, *sets: str):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_rank_sleeping_in_the_trace_pass_is_dumped_named_and_stops_the_run(tmp_path, shards):
-    proc, hang_to_exit, head = _hung_run(tmp_path, shards, "rank=1 step=3 phase=trace seconds=600")
+    proc, hang_to_exit, head = _hung_run(
+        tmp_path, shards, {"rank": 1, "step": 3, "phase": "trace", "seconds": 600}
+    )
     assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
     assert hang_to_exit < HANG_S + 30, hang_to_exit
     print(f"hang to exit: {hang_to_exit:.1f} s (train.hang_timeout_s={HANG_S})")
@@ -207,7 +208,7 @@ def test_rank_sleeping_in_the_trace_pass_is_dumped_named_and_stops_the_run(tmp_p
 @pytest.mark.distributed
 def test_data_worker_that_sleeps_is_in_its_ranks_report(tmp_path, shards):
     proc, hang_to_exit, head = _hung_run(
-        tmp_path, shards, "rank=1 step=3 phase=worker seconds=600", "data.num_workers=1"
+        tmp_path, shards, {"rank": 1, "step": 3, "phase": "worker", "seconds": 600}, "data.num_workers=1"
     )
     assert proc.returncode == EXIT_HUNG and hang_to_exit < HANG_S + 30, proc.stderr[-3000:]
     assert (head["step"], head["phase"]) == (3, "data")
@@ -230,7 +231,7 @@ def test_collective_timeout_without_the_watchdog_ends_the_same_way(tmp_path, sha
         check=False,
         # Rank 1 (no watchdog) wakes after rank 0 has gone: its next collective fails at once. (Asleep
         # for longer, it would ignore the launcher's SIGTERM, a clean-stop request, until its SIGKILL.)
-        CACHEAUG_INJECT_SLEEP="rank=1 step=3 phase=trace seconds=30",
+        **faults_env(sleep={"rank": 1, "step": 3, "phase": "trace", "seconds": 30}),
     )
     assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
     [rank0] = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "hang: rank 0" in ln]
@@ -242,7 +243,7 @@ def test_collective_timeout_without_the_watchdog_ends_the_same_way(tmp_path, sha
 @pytest.mark.distributed
 def test_slow_rank_shows_in_the_straggler_metrics_and_a_warning(tmp_path, shards):
     cfg = _config(tmp_path, shards, max_steps=8)
-    proc = run_train(2, cfg, CACHEAUG_INJECT_SLEEP="rank=1 step=all phase=trace seconds=0.3")
+    proc = run_train(2, cfg, **faults_env(sleep={"rank": 1, "step": "all", "phase": "trace", "seconds": 0.3}))
     rows = metrics(tmp_path / "run")
     assert [r["straggler_rank"] for r in rows] == [1] * 8
     for r in rows:

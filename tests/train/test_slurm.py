@@ -24,6 +24,7 @@ from slurm_helpers import (
     wait_done,
 )
 
+from data_tools.faults import faults_env
 from dist_cacheaug.cli import main as cli_main
 
 
@@ -147,7 +148,7 @@ def test_hung_job_dumps_exits_requeues_resumes_and_matches(one_node_job, tmp_pat
             "--nodes=1",
             "--ntasks-per-node=2",
         ),
-        environ={"CACHEAUG_INJECT_SLEEP": "rank=1 step=6 phase=trace seconds=900"},
+        environ=faults_env(sleep={"rank": 1, "step": 6, "phase": "trace", "seconds": 900}),
     )
     info = wait_done(job_id, restarts=1)
     log = (run_dir.parent / f"sbatch-{job_id}.out").read_text()

@@ -17,6 +17,7 @@ import torch
 from train_helpers import metrics, run_train, train_command, train_env
 from train_helpers import tiny_run_config as _config
 
+from data_tools.faults import faults_env
 from dist_cacheaug import CacheAugmentedLM, load_config
 from dist_cacheaug.core.decoder import build_decoder
 from dist_cacheaug.distributed import first_slurm_host, resolve
@@ -95,14 +96,12 @@ def test_checkpoint_discovery_ignores_partial_writes(tmp_path):
     assert latest(tmp_path / "missing") is None
 
 
-def test_test_hooks_are_read_once_from_the_environment(tmp_path):
+def test_test_hooks_are_read_once_from_the_one_debug_switch(tmp_path):
     from dist_cacheaug.train.trainer import TestHooks
 
     none = TestHooks.from_env(tmp_path, 0, {})
     assert none.nan_steps == frozenset() and none.trace is None and not none.inject_nan(1, 0)
-    hooks = TestHooks.from_env(
-        tmp_path, 1, {"CACHEAUG_INJECT_NAN_STEPS": "2, 4,", "CACHEAUG_DATA_TRACE": "1"}
-    )
+    hooks = TestHooks.from_env(tmp_path, 1, faults_env(nan_steps=[2, 4], data_trace=True))
     assert hooks.nan_steps == {2, 4}
     assert hooks.inject_nan(2, 0) and not hooks.inject_nan(2, 1) and not hooks.inject_nan(3, 0)  # rank 0 only
     assert hooks.trace.path == tmp_path / "data_trace" / "rank1.jsonl"
@@ -298,12 +297,12 @@ def test_elastic_resume_2_to_1_and_1_to_2_ranks_is_exact_in_weights(zero3_run, t
 def test_kill9_then_rerun_resumes_exactly(shards, tmp_path):
     cfg = _config(tmp_path, shards, max_steps=12, checkpoint_interval=3)
     sets = ["train.run_dir=" + str(tmp_path / "a")]
-    run_train(2, cfg, *sets, CACHEAUG_DATA_TRACE="1")
+    run_train(2, cfg, *sets, **faults_env(data_trace=True))
     b_dir = tmp_path / "b"
     cmd = train_command(2, cfg, [f"train.run_dir={b_dir}"])
     proc = subprocess.Popen(
         cmd,
-        env=train_env(CACHEAUG_DATA_TRACE="1"),
+        env=train_env(**faults_env(data_trace=True)),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -318,7 +317,7 @@ def test_kill9_then_rerun_resumes_exactly(shards, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert _steps_logged(b_dir) < 12
-    out = run_train(2, cfg, f"train.run_dir={b_dir}", CACHEAUG_DATA_TRACE="1")
+    out = run_train(2, cfg, f"train.run_dir={b_dir}", **faults_env(data_trace=True))
     assert "resumed from" in out.stdout and "(exact)" in out.stdout
     a, b = metrics(tmp_path / "a"), metrics(b_dir)
     assert [r["step"] for r in b] == list(range(1, 13))
@@ -394,7 +393,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_corrupt_or_incompatible_is_refu
 @pytest.mark.slow
 def test_nonfinite_loss_is_skipped_and_counted_then_aborts(shards, tmp_path):
     cfg = _config(tmp_path, shards, max_steps=5)
-    run_train(1, cfg, "optim.warmup_steps=4", CACHEAUG_INJECT_NAN_STEPS="2,3")
+    run_train(1, cfg, "optim.warmup_steps=4", **faults_env(nan_steps=[2, 3]))
     rows = metrics(tmp_path / "run")
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 2, 2, 2]
     assert [r["loss"] is None for r in rows] == [False, True, True, False, False]
@@ -408,7 +407,7 @@ def test_nonfinite_loss_is_skipped_and_counted_then_aborts(shards, tmp_path):
         f"train.run_dir={tmp_path / 'abort'}",
         "train.max_nonfinite_steps=1",
         check=False,
-        CACHEAUG_INJECT_NAN_STEPS="2,3,4",
+        **faults_env(nan_steps=[2, 3, 4]),
     )
     assert bad.returncode != 0
     assert (

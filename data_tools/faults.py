@@ -43,15 +43,17 @@ def read_faults(environ: Mapping[str, str] = os.environ) -> dict:
         raise FaultSpecError(f"{ENV} is not JSON ({e}): unset it, or see data_tools/faults.py") from None
     if not isinstance(faults, dict):
         raise FaultSpecError(f"{ENV} must be a JSON object, got {text[:80]!r}")
-    unknown = sorted(set(faults) - set(KEYS))
-    if unknown:
-        raise FaultSpecError(f"{ENV}: unknown fault(s) {unknown}; known: {list(KEYS)}")
+    _check_keys(faults, f"{ENV}: ")
     return faults
 
 
 def faults_env(**faults) -> dict[str, str]:
     """The environment entry that asks for ``faults`` (for tests and scripts that launch a run)."""
+    _check_keys(faults, "")
+    return {ENV: json.dumps(faults)}
+
+
+def _check_keys(faults: dict, where: str) -> None:
     unknown = sorted(set(faults) - set(KEYS))
     if unknown:
-        raise FaultSpecError(f"unknown fault(s) {unknown}; known: {list(KEYS)}")
-    return {ENV: json.dumps(faults)}
+        raise FaultSpecError(f"{where}unknown fault(s) {unknown}; known: {list(KEYS)}")

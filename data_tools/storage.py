@@ -172,8 +172,8 @@ def read_bytes(location: str, *, size: int | None = None, retry: Retry = DEFAULT
             return data
         last = OSError(f"short read: {len(data)} of {size} bytes")
     raise DataError(
-        f"{shown(location)}: unreadable after {retry.attempts} attempts ({_one_line(last)}); check the URL, the network and the "
-        "credentials (data.read_retries sets the attempts)"
+        f"{shown(location)}: unreadable after {retry.attempts} attempts ({_one_line(last)}); check the URL, "
+        "the network and the credentials (data.read_retries sets the attempts)"
     )
 
 

@@ -631,17 +631,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix: a bad config, data, tokenizer, checkpoint, prompt or launch environment. They print
-# one line, `error: <what, naming the file or field, and what to do>`, and exit 2; anything else is a bug
-# and keeps its traceback (as do these with --debug). Named by module so that checking imports nothing: a
-# module that was never imported raised nothing.
 #: Seconds a rank other than 0 waits before reporting its error: the launcher (deepspeed, torchrun) stops
 #: every rank as soon as one exits, so when rank 0 has the same error, only rank 0's line is printed.
 OTHER_RANK_DELAY_S = 10.0
 
 
 def is_user_error(e: BaseException) -> bool:
-    """Printed as one line (exit 2) rather than a traceback: every subclass of errors.UserError."""
+    """Errors a user can fix (a bad config, data, tokenizer, checkpoint, prompt or launch environment: every
+    subclass of errors.UserError) print one line, ``error: <what, naming the file or field, and what to
+    do>``, and exit 2; anything else is a bug and keeps its traceback (as do these with --debug)."""
     return isinstance(e, UserError)
 
 

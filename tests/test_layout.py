@@ -9,6 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "dist_cacheaug"
 
 # layer -> the layers (top-level names under dist_cacheaug) it may import besides itself
+_FOUNDATION = {"errors", "config", "data", "distributed", "resources", "core", "variants"}
 ALLOWED = {
     "errors": set(),  # UserError, the base every layer's own error subclasses
     "config": {"errors"},
@@ -17,31 +18,10 @@ ALLOWED = {
     "resources": {"errors"},
     "core": {"errors", "config"},
     "variants": {"errors", "config", "core"},
-    "train": {"errors", "config", "data", "distributed", "resources", "core", "variants"},
-    "evaluation": {"errors", "config", "data", "distributed", "resources", "core", "variants"},
-    "demo": {
-        "errors",
-        "config",
-        "data",
-        "distributed",
-        "resources",
-        "core",
-        "variants",
-        "train",
-        "evaluation",
-    },
-    "cli": {
-        "errors",
-        "config",
-        "data",
-        "distributed",
-        "resources",
-        "core",
-        "variants",
-        "train",
-        "evaluation",
-        "demo",
-    },
+    "train": _FOUNDATION,
+    "evaluation": _FOUNDATION,
+    "demo": _FOUNDATION | {"train", "evaluation"},
+    "cli": _FOUNDATION | {"train", "evaluation", "demo"},
     "__init__": {"errors", "config", "core"},
 }
 

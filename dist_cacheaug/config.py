@@ -3,6 +3,7 @@
 Every field has a docstring-style comment (``#:``) that ``cacheaug config --help-fields`` prints.
 Loading is strict: an unknown key or a value of the wrong type fails at once with a
 :class:`ConfigError` naming the dotted key (and the closest valid key, when one is near).
+A file may start from another with ``extends: other.yaml`` (see :func:`read_config_tree`).
 """
 
 from __future__ import annotations
@@ -442,21 +443,62 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+#: The key that makes a YAML file start from another. Not ``base``: demo budgets already have a ``base``
+#: section (the base model's training), and everywhere here "base" means the frozen base model.
+EXTENDS_KEY = "extends"
+
+
+def merge_trees(parent: dict, child: dict) -> dict:
+    """``child`` laid over ``parent``: mappings merge key by key (recursively); lists and values replace."""
+    out = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return tree
+
+
+def read_config_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a YAML config file, with its ``extends:`` chain resolved.
+
+    ``extends: ../tiny_cpu.yaml`` (a path relative to the file that names it) makes the file the parent's
+    tree with its own keys laid over it (:func:`merge_trees`), so a variant of a config is a short diff
+    that cannot drift from it. Parents may extend further; a cycle or a missing parent is one error line.
+    The returned tree has no ``extends`` key: a run directory's ``config.yaml`` is always self-contained.
+    """
+    p = Path(path)
+    if not p.is_file():
+        named_by = f" (extends: in {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {p}{named_by}")
+    if p.resolve() in _chain:
+        loop = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"config files extend each other in a loop: {loop}; remove one 'extends:'")
+    tree = _read_mapping(p)
+    parent = tree.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{p}: '{EXTENDS_KEY}:' must be the path of one YAML file, got {parent!r}")
+    parent_path = p.parent / parent
+    return merge_trees(read_config_tree(parent_path, (*_chain, p.resolve())), tree)
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:
     """Load a YAML file (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    tree = {} if path is None else read_config_tree(path)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dist_cacheaug.cli import main as cli_main
-from dist_cacheaug.config import ConfigError, deepspeed_config, load_config
+from dist_cacheaug.config import ConfigError, deepspeed_config, load_config, read_config_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/demo/budgets/ hold demo budgets, not run configs (tests/demo/test_demo.py loads them)
@@ -114,6 +115,79 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the test's own reading of 'a file is its parent plus its keys'."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_extends_lays_a_files_keys_over_its_parents(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, MINIMAL + "optim: {lr: 0.1, betas: [0.8, 0.9]}\ntrain: {max_steps: 7}\n", "grand.yaml")
+    write(
+        tmp_path,
+        "extends: ../grand.yaml\n"  # relative to the file that names it
+        "model: {decoder_config: {num_hidden_layers: 3}}\noptim: {betas: [0.5, 0.6]}\n",
+        "sub/parent.yaml",
+    )
+    child = write(tmp_path, "extends: parent.yaml\ntrain: {max_steps: 9}\n", "sub/child.yaml")
+    cfg = load_config(child, ["optim.lr=0.2"])
+    # mappings merge key by key, down into the free-form decoder_config ...
+    assert cfg.model.decoder_config == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 3}
+    # ... lists and values replace, the nearest file wins, and --set comes last
+    assert (cfg.optim.betas, cfg.train.max_steps, cfg.optim.lr) == ([0.5, 0.6], 9, 0.2)
+    assert "extends" not in cfg.to_yaml()  # the resolved config a run dir keeps stands alone
+    assert load_config(write(tmp_path, cfg.to_yaml(), "resolved.yaml")) == cfg
+
+
+def test_extends_errors_are_one_line_naming_the_files(tmp_path):
+    child = write(tmp_path, "extends: nope.yaml\n", "child.yaml")
+    with pytest.raises(ConfigError, match=r"not found: .*nope\.yaml \(extends: in .*child\.yaml\)"):
+        load_config(child)
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(
+        ConfigError, match=r"extend each other in a loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"
+    ):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=r"'extends:' must be the path of one YAML file, got \['x'\]"):
+        load_config(write(tmp_path, "extends: [x]\n" + MINIMAL))
+    with pytest.raises(ConfigError, match="unknown config key 'extends'"):  # a file key, not a --set key
+        load_config(ROOT / "configs/tiny_cpu.yaml", ["extends=x.yaml"])
+
+
+EXTENDING = [
+    p for p in sorted((ROOT / "configs").rglob("*.yaml")) if "extends" in yaml.safe_load(p.read_text())
+]
+
+
+def test_configs_that_must_not_drift_extend_their_recipe():
+    names = {str(p.relative_to(ROOT / "configs")) for p in EXTENDING}
+    ablations = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs/ablations").glob("*.yaml")}
+    assert len(ablations) == 19 and ablations <= names
+    assert {"gemma2_9b_paper.yaml", "gemma2_27b_shard.yaml", "demo/coprocessor.yaml"} <= names
+    for p in (ROOT / "configs/ablations").glob("*.yaml"):
+        assert (
+            p.parent / yaml.safe_load(p.read_text())["extends"]
+        ).resolve() == ROOT / "configs/tiny_cpu.yaml"
+
+
+@pytest.mark.parametrize("path", EXTENDING, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_a_shipped_config_is_its_parent_plus_its_own_keys(path):
+    own = yaml.safe_load(path.read_text())
+    parent = read_config_tree(path.parent / own.pop("extends"))
+    flat_own, flat_parent = flatten(own), flatten(parent)
+    assert flatten(read_config_tree(path)) == {**flat_parent, **flat_own}
+    if path.parent.name == "ablations":  # a short diff, not a copy: each key changes what it inherits
+        copied = sorted(k for k, v in flat_own.items() if k in flat_parent and flat_parent[k] == v)
+        assert not copied, f"{path.name} restates its parent's values: {copied}"
 
 
 def test_cross_field_checks(tmp_path):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, build_dataclass
+from ..config import ConfigError, build_dataclass, read_config_tree
 from ..errors import UserError
 from ..resources import CHECKOUT, repo_file
 
@@ -130,10 +130,7 @@ def load_budget(name_or_path: str) -> Budget:
         raise ConfigError(
             f"demo budget {name_or_path!r} not found (known: {', '.join(known)}, or a .yaml file)"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = read_config_tree(path)  # a budget may extend another (quick_heldout300.yaml extends quick.yaml)
     try:
         budget = build_dataclass(Budget, data)
     except ConfigError as e:
@@ -524,7 +521,7 @@ def stage_tokens(budget: Budget, layout: Layout) -> None:
 
 
 def _seq_len() -> int:
-    return int(yaml.safe_load((CONFIGS / "base.yaml").read_text())["data"]["seq_len"])
+    return int(read_config_tree(CONFIGS / "base.yaml")["data"]["seq_len"])
 
 
 def _vocab(layout: Layout) -> int:
@@ -655,8 +652,8 @@ def _evaluate_all(budget: Budget, layout: Layout, problems: list[dict], device: 
 
 # ---- the command -----------------------------------------------------------------------------------
 def describe(budget: Budget, layout: Layout) -> dict:
-    base_cfg = yaml.safe_load((CONFIGS / "base.yaml").read_text())
-    run_cfg = yaml.safe_load((CONFIGS / "coprocessor.yaml").read_text())
+    base_cfg = read_config_tree(CONFIGS / "base.yaml")
+    run_cfg = read_config_tree(CONFIGS / "coprocessor.yaml")
     dc = base_cfg["model"]["decoder_config"]
     exported = layout.base / "export" / "config.json"
     if exported.is_file():  # what was trained, budget overrides included

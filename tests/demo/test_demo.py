@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from tiny_models import tiny_decoder
 
 from data_tools import train_tokenizer
 from data_tools.synthetic import format_problem, make_problem
 from dist_cacheaug import CacheAugmentedLM, sample_positions
-from dist_cacheaug.config import ConfigError, load_config
+from dist_cacheaug.config import ConfigError, load_config, read_config_tree
 from dist_cacheaug.demo.answers import encode_problem, evaluate_answers, heldout_problems
 from dist_cacheaug.demo.pipeline import RUNS, load_budget
 from dist_cacheaug.demo.report import aggregate
@@ -300,8 +299,8 @@ def test_budgets_and_demo_configs_load(tmp_path):
     for name, (sets, _) in RUNS.items():
         cfg = load_config(ROOT / "configs/demo/coprocessor.yaml", overrides=sets)
         assert cfg.model.variant in ("coprocessor", "pause", "base_lm"), name
-    base = yaml.safe_load((ROOT / "configs/demo/base.yaml").read_text())
-    cop = yaml.safe_load((ROOT / "configs/demo/coprocessor.yaml").read_text())
+    base = read_config_tree(ROOT / "configs/demo/base.yaml")
+    cop = read_config_tree(ROOT / "configs/demo/coprocessor.yaml")
     assert base["model"]["decoder_config"] == cop["model"]["decoder_config"]
     assert base["data"]["seq_len"] == cop["data"]["seq_len"]
 

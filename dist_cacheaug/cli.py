@@ -342,7 +342,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .evaluation.inference import run_generate_cli
+    from .evaluation.generate_cmd import run_generate_cli
 
     return run_generate_cli(args)
 

@@ -51,12 +51,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig
 from transformers.generation import (
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
-    StopStringCriteria,
 )
 
 from .augment import (
@@ -70,6 +69,7 @@ from .augment import (
     latent_inputs,
 )
 from .hf_compat import cache_arg
+from .stopping import StopRule, StopRuleCriterion
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -90,35 +90,6 @@ class StopCallback(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = bool(self.stop(input_ids[:, self.prompt_length :]))
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class StopStringsInText(StoppingCriteria):
-    """Stop strings for a tokenizer that can only ``decode`` (this project's sentencepiece wrapper): a
-    row finishes once the text decoded from its generated ids contains one of ``stop_strings``. HF
-    tokenizers get HF's own ``StopStringCriteria`` instead (:func:`stop_strings_criterion`)."""
-
-    def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int):
-        self.tokenizer, self.stop_strings, self.prompt_length = tokenizer, stop_strings, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = [self.tokenizer.decode(row[self.prompt_length :].tolist()) for row in input_ids]
-        done = [any(s in text for s in self.stop_strings) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def stop_strings_criterion(tokenizer, stop_strings, prompt_length: int) -> StoppingCriteria:
-    """HF's ``StopStringCriteria`` for an HF tokenizer, :class:`StopStringsInText` for one that only
-    decodes; a clear ValueError without a tokenizer."""
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-    if not stops or not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return StopStringCriteria(tokenizer=tokenizer, stop_strings=stops)
-    if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
-        raise ValueError(
-            "stop_strings need the tokenizer: pass tokenizer= (an HF tokenizer or one with decode())"
-        )
-    return StopStringsInText(tokenizer, stops, prompt_length)
 
 
 def build_generation_config(
@@ -243,9 +214,10 @@ def generate(
     n = input_ids.shape[1]
     criteria = StoppingCriteriaList(stopping_criteria or [])
     if config.stop_strings is not None:
-        criteria.append(stop_strings_criterion(tokenizer, config.stop_strings, n))
-        # Built here, not by generate: generate drops ``tokenizer=`` when given ``custom_generate`` (5.17-5.24),
-        # and a tokenizer that only decodes needs our criterion anyway.
+        # The project's one stop rule (core/stopping.py), not HF's StopStringCriteria: the commands cut their
+        # text by the same rule, and it needs only decode(). Built here, not by generate: generate drops
+        # ``tokenizer=`` when given ``custom_generate`` (5.17-5.24).
+        criteria.append(StopRuleCriterion(StopRule(strings=config.stop_strings), tokenizer, n))
         config.stop_strings = None
     if stop is not None:
         criteria.append(StopCallback(stop, n))

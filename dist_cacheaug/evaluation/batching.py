@@ -13,15 +13,18 @@
   each (context, continuation) row continues from its context's rows of that cache with its
   continuation RIGHT-padded (a row's pads come after all its tokens, so causal attention never reads
   them; their outputs are dropped).
-* **Generation** (:func:`generate_batch`): one ``generate`` call per batch; each row ends where that
-  prompt decoded alone would end (its EOS, or the first step its text hits a stop rule), and the batch
-  ends when every row has (:class:`RowStops`).
+* **Generation** (:func:`generate_texts`, the entry point of every generating command: ``cacheaug
+  generate``, GSM8K, lm-eval's ``generate_until``): one ``generate`` call per batch; each row ends where
+  that prompt decoded alone would end (its EOS, or the first step its text ends by the command's
+  :class:`~dist_cacheaug.core.stopping.StopRule`), the batch ends when every row has (:class:`RowStops`),
+  and the same rule cuts each row's text.
 * **Length** (:func:`fit_context`): a context too long for the decoder's positions is LEFT-truncated
   (its most recent tokens kept, as lm-evaluation-harness does); the callers count and report it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,6 +34,7 @@ from ..core.augment import augment_prompt, read_prompt
 from ..core.cache import clone_cache
 from ..core.generation import generate
 from ..core.hf_compat import cache_arg
+from ..core.stopping import StopRule
 from .data_parallel import check_shard, gather_indexed
 from .inference import InferenceError
 
@@ -265,7 +269,7 @@ def generate_batch(
     max_new_tokens: int,
     *,
     pad_id: int = 0,
-    eos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
     is_stop: Callable[[list[int]], bool] | None = None,
     **gen_kwargs,
 ) -> list[list[int]]:
@@ -288,3 +292,33 @@ def generate_batch(
         **gen_kwargs,
     )
     return stops.cut(out[:, ids.shape[1] :])
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    rule: StopRule,
+    *,
+    pad_id: int = 0,
+    **gen_kwargs,
+) -> list[str]:
+    """The completion text of each prompt, decoded together, ended and cut by ``rule``: a row stops
+    decoding at its first EOS (the rule's, else the decoder's) or the first step its text has ended, and
+    its text is :meth:`StopRule.text` of what it generated. ``gen_kwargs``: as :func:`generate_batch`."""
+    eos = list(rule.eos_ids) or None
+    new = generate_batch(
+        model,
+        prompts,
+        max_new_tokens,
+        pad_id=pad_id,
+        eos_id=eos,
+        is_stop=(lambda t: rule.text_ended(tokenizer, t)) if rule.strings or rule.final else None,
+        **gen_kwargs,
+    )
+    if eos is None:  # the decoder's own EOS ended the rows: cut the text there too
+        decoder_eos = StopRule.with_eos(model.decoder.generation_config.eos_token_id).eos_ids
+        rule = dataclasses.replace(rule, eos_ids=decoder_eos)
+    return [rule.text(tokenizer, t) for t in new]

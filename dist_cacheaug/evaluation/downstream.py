@@ -28,11 +28,12 @@ from transformers import DynamicCache
 from ..core.cache import clone_cache
 from ..core.hf_compat import cache_arg
 from ..core.model import CacheAugmentedLM
+from ..core.stopping import StopRule
 from .batching import (
     check_batch_size,
     decoder_max_length,
     fit_context,
-    generate_batch,
+    generate_texts,
     pad_id_for,
     run_batched,
     score_batch,
@@ -44,6 +45,14 @@ COT_PROMPT = "Let's think step by step."
 DEFAULT_FEWSHOT, DEFAULT_NEW_TOKENS, COT_NEW_TOKENS = 8, 256, 512
 NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 STOP_STRINGS = ("\nQuestion:", "Question:", "\n\n\n")
+
+
+def gsm8k_stop(eos_id=None) -> StopRule:
+    """Where a GSM8K completion ends: at EOS, before the next question (or a blank run), and after its
+    final answer line ``#### N`` (in k-shot prompting the model goes on to write the next question)."""
+    return StopRule.with_eos(
+        eos_id, strings=STOP_STRINGS, keep_string=False, final=r"####\s*" + NUMBER.pattern
+    )
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -115,13 +124,6 @@ def gsm8k_prompt(exemplars: list[dict], question: str, cot: str | None = None) -
     shots = "".join(f"Question: {e['question']}\nAnswer: {e['solution']}\n\n" for e in exemplars)
     suffix = f" {cot.strip()}" if cot else ""
     return f"{shots}Question: {question}\nAnswer:{suffix}"
-
-
-def truncate_at_stop(text: str, stops=STOP_STRINGS) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    text = text if cut < 0 else text[:cut]
-    m = re.search(r"####\s*" + NUMBER.pattern, text)  # the final answer line ends the solution
-    return text[: m.end()] if m else text
 
 
 def load_mc(path: str | Path) -> list[dict]:
@@ -325,13 +327,6 @@ def evaluate_mc(
     }
 
 
-def hits_stop(tokenizer, tokens: list[int]) -> bool:
-    """Whether a GSM8K completion so far is finished: a stop string, or text after the final
-    ``#### N`` line (:func:`truncate_at_stop` would cut it)."""
-    text = tokenizer.decode(tokens)
-    return truncate_at_stop(text) != text
-
-
 def evaluate_gsm8k(
     model,
     tokenizer,
@@ -367,18 +362,10 @@ def evaluate_gsm8k(
         truncated += cut
         prompts.append(ids)
     pad = pad_id_for(tokenizer, model.decoder.config.vocab_size)
-    eos = getattr(tokenizer, "eos_id", None)
+    rule = gsm8k_stop(getattr(tokenizer, "eos_id", None))
     gen_kw = dict(augment=augment, reaugment_every=reaugment_every, async_delay=async_delay)
     completions = run_batched(
-        lambda batch: generate_batch(
-            model,
-            batch,
-            max_new_tokens,
-            pad_id=pad,
-            eos_id=eos,
-            is_stop=lambda t: hits_stop(tokenizer, t),
-            **gen_kw,
-        ),
+        lambda batch: generate_texts(model, tokenizer, batch, max_new_tokens, rule, pad_id=pad, **gen_kw),
         prompts,
         [-len(p) for p in prompts],
         batch_size,
@@ -388,8 +375,7 @@ def evaluate_gsm8k(
     )
     _warn_truncated(truncated, len(items), "gsm8k prompts", max_length, "the latents and new tokens", shard)
     preds, strict_ok, flex_ok = [], 0, 0
-    for it, new in zip(items, completions):
-        completion = truncate_at_stop(tokenizer.decode(new))
+    for it, completion in zip(items, completions):
         strict, flexible = extract_answer(completion)
         strict_ok += strict == it["target"]
         flex_ok += flexible == it["target"]

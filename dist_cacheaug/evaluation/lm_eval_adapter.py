@@ -46,11 +46,12 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
         "dist_cacheaug.evaluation.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval"
     ) from e
 
+from ..core.stopping import StopRule
 from .batching import (
     check_batch_size,
     decoder_max_length,
     fit_context,
-    generate_batch,
+    generate_texts,
     pad_id_for,
     run_batched,
     score_batch,
@@ -196,7 +197,7 @@ class CacheAugLM(LM):
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
             until = gen_kwargs.get("until") or []
-            until = (until,) if isinstance(until, str) else tuple(until)
+            until = tuple(u for u in ((until,) if isinstance(until, str) else until) if u)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
             top_p = float(gen_kwargs.get("top_p", 1.0))
@@ -217,10 +218,7 @@ class CacheAugLM(LM):
                 progress=not disable_tqdm,
                 desc="generate_until",
             )
-            for i, tokens in zip(members, new):
-                text = self.tok.decode(tokens)
-                for u in until:
-                    text = text.split(u, 1)[0]
+            for i, text in zip(members, new):
                 texts[i] = text
         _warn_truncated(truncated, len(requests), "generate_until", self.max_length)
         for req, text in zip(requests, texts):
@@ -229,18 +227,16 @@ class CacheAugLM(LM):
             )
         return texts
 
-    def _generate(self, batch, *, until, max_new, temperature, top_p) -> list[list[int]]:
-        def is_stop(tokens):
-            text = self.tok.decode(tokens)
-            return any(u in text for u in until)
-
-        return generate_batch(
+    def _generate(self, batch, *, until, max_new, temperature, top_p) -> list[str]:
+        # lm-eval's rule: the text ends before the first of ``until`` (the string itself is dropped)
+        rule = StopRule.with_eos(getattr(self.tok, "eos_id", None), strings=until, keep_string=False)
+        return generate_texts(
             self.model,
+            self.tok,
             batch,
             max_new,
+            rule,
             pad_id=self.pad_id,
-            eos_id=getattr(self.tok, "eos_id", None),
-            is_stop=is_stop if until else None,
             augment=self.augment,
             reaugment_every=self.reaugment_every,
             async_delay=self.async_delay,

@@ -18,6 +18,7 @@ from tiny_models import VOCAB, tiny_augmented
 import dist_cacheaug.evaluation.downstream as ds
 from dist_cacheaug.cli import main
 from dist_cacheaug.core.generation import generate
+from dist_cacheaug.core.stopping import StopRule
 from dist_cacheaug.evaluation import batching
 from dist_cacheaug.evaluation.inference import InferenceError
 
@@ -110,6 +111,32 @@ def test_generate_batch_rows_end_where_each_prompt_alone_ends(kw):
     want_default = [_alone(model, p, n, eos, None, **kw) for p in prompts]
     assert any(len(w) < n for w in want_default)
     assert batching.generate_batch(model, prompts, n, **kw) == want_default
+
+
+@pytest.mark.parametrize("keep_string", [True, False], ids=["keep", "drop"])
+def test_generate_texts_ends_and_cuts_each_row_by_one_rule(keep_string):
+    """The entry point every generating command uses: a row stops decoding at the step its text first
+    holds a stop string (one that spans tokens), exactly as that prompt alone, and the same rule cuts it."""
+    model, tok = _model("llama"), CharTokenizer()
+    prompts = [tok.encode(t) for t in ("q: ab", "a", "q: 12 + 3 =")]
+    n = 12
+    free = [_alone(model, p, n, None, None) for p in prompts]
+    texts = [tok.decode(f) for f in free]
+    stop = next(texts[0][i : i + 2] for i in range(1, len(texts[0]) - 1) if texts[0][i : i + 2].strip())
+    rule = StopRule(eos_ids=(tok.eos_id,), strings=(stop,), keep_string=keep_string)
+    want = [
+        rule.text(tok, _alone(model, p, n, tok.eos_id, lambda t: rule.text_ended(tok, t))) for p in prompts
+    ]
+    assert batching.generate_texts(model, tok, prompts, n, rule, pad_id=tok.pad_id) == want
+    assert want[0] == (
+        texts[0][: texts[0].index(stop) + 2] if keep_string else texts[0][: texts[0].index(stop)]
+    )
+    assert any(stop not in t and w == t[: len(w)] for t, w in zip(texts, want))  # a row the rule never ends
+    # no EOS in the rule: the decoder's own EOS ends rows and cuts their text
+    eos = free[1][3]
+    model.decoder.generation_config.eos_token_id = eos
+    got = batching.generate_texts(model, tok, prompts[1:2], n, StopRule())
+    assert got == [tok.decode(free[1][: free[1].index(eos)])]
 
 
 def test_row_stops_find_the_first_end_even_between_calls():

@@ -39,7 +39,7 @@ def test_answer_extraction_and_loading():
     assert ds.extract_answer("#### 1,205.") == ("1205", "1205")
     assert ds.extract_answer("#### -3.0 and 5") == ("-3", "5")
     assert ds.extract_answer("no number") == (None, None)
-    assert ds.truncate_at_stop(" 1 + 1 = 2.\n#### 2\n\nQuestion: x #### 9") == " 1 + 1 = 2.\n#### 2"
+    assert ds.gsm8k_stop().cut(" 1 + 1 = 2.\n#### 2\n\nQuestion: x #### 9") == (" 1 + 1 = 2.\n#### 2", True)
     items = ds.load_gsm8k(FIXTURES / "gsm8k_tiny.jsonl")
     assert [i["target"] for i in items] == ["7", "8", "12", "1205", "0"]
     assert items[0]["solution"] == "3 + 4 = 7.\n#### 7"
@@ -81,10 +81,11 @@ def test_gsm8k_evaluator_scores_known_completions(monkeypatch):
     assert all(aug for _, aug, _ in seen)
     assert [p["completion"] for p in r["predictions"]][0] == " 10 - 2 = 8.\n#### 8"
     # the stop rule fires on a finished answer, not before
-    assert ds.hits_stop(tok, tok.encode(" 1 + 1 = 2.\n#### 2")) is False
-    assert ds.hits_stop(tok, tok.encode(" 1 + 1 = 2.\n#### 2\n")) is True
-    assert ds.hits_stop(tok, tok.encode(" 2\nQuestion:")) is True
-    assert ds.hits_stop(tok, tok.encode(" 12 - 2 = 1")) is False
+    rule = ds.gsm8k_stop(tok.eos_id)
+    assert rule.text_ended(tok, tok.encode(" 1 + 1 = 2.\n#### 2")) is False  # may still become "#### 23"
+    assert rule.text_ended(tok, tok.encode(" 1 + 1 = 2.\n#### 2\n")) is True
+    assert rule.text_ended(tok, tok.encode(" 2\nQuestion:")) is True
+    assert rule.text_ended(tok, tok.encode(" 12 - 2 = 1")) is False
 
 
 def test_gsm8k_evaluator_runs_a_real_model():

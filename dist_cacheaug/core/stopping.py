@@ -10,8 +10,8 @@ Who keeps the stop string:
   it. That is HF's rule: the text runs to the end of the stop string.
 - lm-eval's ``until`` and the GSM8K evaluator drop it: the text ends before the stop string.
 
-The same rule does two jobs. It decides the step at which decoding a row ends (``finished``), and it cuts
-the row's text afterwards (``text``). So where a row stopped and what is printed cannot disagree.
+The same rule does two jobs. It decides the step at which decoding a row ends (``text_ended``, with EOS),
+and it cuts the row's text afterwards (``text``). So where a row stopped and what is printed cannot disagree.
 """
 
 from __future__ import annotations
@@ -69,13 +69,18 @@ class StopRule:
                 text = text[: m.end()]
         return text, ended
 
+    @property
+    def stops_text(self) -> bool:
+        """Whether the rule ends text at all (stop strings or ``final``), beyond EOS."""
+        return bool(self.strings or self.final)
+
     def token_end(self, tokens: Sequence[int]) -> int:
         """The index of the first EOS token in ``tokens``, or ``len(tokens)`` when there is none."""
         return next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
 
     def text_ended(self, tokenizer, tokens: Sequence[int]) -> bool:
         """Whether the text of ``tokens`` (EOS not considered) has reached a stop string or ``final``."""
-        return bool(self.strings or self.final) and self.cut(tokenizer.decode(list(tokens)))[1]
+        return self.stops_text and self.cut(tokenizer.decode(list(tokens)))[1]
 
     def text(self, tokenizer, tokens: Sequence[int]) -> str:
         """The completion's text: the tokens before the first EOS, decoded, then cut by :meth:`cut`."""

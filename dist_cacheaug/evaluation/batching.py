@@ -308,17 +308,16 @@ def generate_texts(
     """The completion text of each prompt, decoded together, ended and cut by ``rule``: a row stops
     decoding at its first EOS (the rule's, else the decoder's) or the first step its text has ended, and
     its text is :meth:`StopRule.text` of what it generated. ``gen_kwargs``: as :func:`generate_batch`."""
-    eos = list(rule.eos_ids) or None
+    if not rule.eos_ids:  # the decoder's own EOS (HF's default) ends the rows and cuts their text
+        decoder_eos = StopRule.with_eos(model.decoder.generation_config.eos_token_id).eos_ids
+        rule = dataclasses.replace(rule, eos_ids=decoder_eos)
     new = generate_batch(
         model,
         prompts,
         max_new_tokens,
         pad_id=pad_id,
-        eos_id=eos,
-        is_stop=(lambda t: rule.text_ended(tokenizer, t)) if rule.strings or rule.final else None,
+        eos_id=list(rule.eos_ids) or None,
+        is_stop=(lambda t: rule.text_ended(tokenizer, t)) if rule.stops_text else None,
         **gen_kwargs,
     )
-    if eos is None:  # the decoder's own EOS ended the rows: cut the text there too
-        decoder_eos = StopRule.with_eos(model.decoder.generation_config.eos_token_id).eos_ids
-        rule = dataclasses.replace(rule, eos_ids=decoder_eos)
     return [rule.text(tokenizer, t) for t in new]

@@ -7,6 +7,7 @@ the rule is EOS plus the ``--stop`` strings, and a stop string stays in the prin
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -71,14 +72,14 @@ def run_generate_cli(args) -> int:
         raise InferenceError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = sampling_options(args)
     try:
-        rule = StopRule.with_eos(None, strings=tuple(args.stop or ()), keep_string=True)
+        rule = StopRule(strings=tuple(args.stop or ()), keep_string=True)  # fails before the model loads
     except ValueError as e:
         raise InferenceError(f"--stop: {e}") from e
     model, cfg = load_for_inference(args.checkpoint, decoder=args.decoder, device=args.device)
     tok = load_tokenizer_for(cfg, args.tokenizer, what="cacheaug generate")
     check_vocab(model, tok.vocab_size, f"tokenizer {tok.path}")
     if tok.eos_id is not None:  # the tokenizer's EOS, else the decoder's (generate_texts)
-        rule = StopRule.with_eos(tok.eos_id, strings=rule.strings, keep_string=True)
+        rule = dataclasses.replace(rule, eos_ids=(tok.eos_id,))
     bos = model.decoder.config.bos_token_id if args.bos else None
     rows = []
     for p in prompts:

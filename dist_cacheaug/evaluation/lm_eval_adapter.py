@@ -208,7 +208,7 @@ class CacheAugLM(LM):
         texts: list[str | None] = [None] * len(requests)
         for (until, max_new, temperature, top_p), members in groups.items():
             group = [prompts[i] for i in members]
-            new = run_batched(
+            group_texts = run_batched(
                 functools.partial(
                     self._generate, until=until, max_new=max_new, temperature=temperature, top_p=top_p
                 ),
@@ -218,7 +218,7 @@ class CacheAugLM(LM):
                 progress=not disable_tqdm,
                 desc="generate_until",
             )
-            for i, text in zip(members, new):
+            for i, text in zip(members, group_texts):
                 texts[i] = text
         _warn_truncated(truncated, len(requests), "generate_until", self.max_length)
         for req, text in zip(requests, texts):
